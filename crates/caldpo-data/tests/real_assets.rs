@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Instant;
 
 use caldpo_data::{inspect, load_pairs, DataConfig, PairDataset, PairTokenizer, LABELS_BEGIN};
@@ -31,7 +31,7 @@ fn untruncated() -> DataConfig {
     config(1 << 20, 1 << 19)
 }
 
-fn load(path: &PathBuf, config: &DataConfig, tokenizer: &PairTokenizer) -> PairDataset {
+fn load(path: &Path, config: &DataConfig, tokenizer: &PairTokenizer) -> PairDataset {
     let cache = tempfile::tempdir().unwrap();
     load_pairs(path, config, tokenizer, Some(cache.path())).unwrap()
 }
