@@ -62,8 +62,10 @@ pub struct DataConfig {
     /// rejected, conversations, system. A renamed field replaces a field of the target name
     /// that the file also has. Default empty.
     pub columns: BTreeMap<String, String>,
-    /// `auto` (the model's tokenizer_config.json template), `none` (plain text: prompt and
-    /// responses concatenated, for base models) or a path to a .jinja file. Default `auto`.
+    /// `auto` (the model's tokenizer_config.json template, else its chat_template.jinja),
+    /// `none` (plain text for base models: prompt and responses concatenated as they are,
+    /// with the tokenizer's own BOS if it adds one; message pairs become an Anthropic-HH style
+    /// "\n\nHuman: ...\n\nAssistant:" transcript) or a path to a .jinja file. Default `auto`.
     pub chat_template: String,
     /// Longest sequence in tokens, prompt plus response. Default 1024.
     pub max_length: usize,

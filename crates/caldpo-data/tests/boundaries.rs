@@ -211,3 +211,25 @@ fn generation_prompt_and_eos_ids() {
     assert_ne!(chatml.fingerprint(), llama.fingerprint());
     assert_eq!(chatml.fingerprint(), tokenizer("chatml", "auto").fingerprint());
 }
+
+#[test]
+fn plain_text_keeps_hh_transcripts_and_writes_messages_as_one() {
+    let tokenizer = tokenizer("chatml", "none");
+    // hh.jsonl row 0 is "\n\nHuman: What is 2+2?\n\nAssistant: 4" against "... 5": the prompt
+    // is the raw text up to the last "\n\nAssistant:", the response the rest plus the EOS.
+    let hh = load(&data("hh.jsonl"), &config(4096, 2048), &tokenizer);
+    let pair = &hh.examples[0];
+    let prompt = tokenizer.decode(&pair.chosen.input_ids[..pair.prompt_len]).unwrap();
+    assert_eq!(prompt, "\n\nHuman: What is 2+2?\n\nAssistant:");
+    assert_eq!(tokenizer.decode(response(pair, true)).unwrap(), " 4<|im_end|>");
+    // sharegpt.json row 1 has a system field and two user turns around an assistant one.
+    let sharegpt = load(&data("sharegpt.json"), &config(4096, 2048), &tokenizer);
+    let pair = &sharegpt.examples[1];
+    let prompt = tokenizer.decode(&pair.chosen.input_ids[..pair.prompt_len]).unwrap();
+    assert_eq!(
+        prompt,
+        "Réponds en français 🇫🇷\n\nHuman: Bonjour, ça va ?\n\nAssistant: Oui !\n\nHuman: \
+         日本語で答えて\n\nAssistant:"
+    );
+    assert_eq!(tokenizer.decode(response(pair, false)).unwrap(), " No.<|im_end|>");
+}
