@@ -9,7 +9,7 @@ use std::path::Path;
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
-use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
+use serde::de::{Error as _, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result, RowLocation, RowPosition, RowProblem};
@@ -143,7 +143,7 @@ impl<'de> Visitor<'de> for ElementVisitor<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
-        while let Some(value) = seq.next_element_seed(ValueSeed)? {
+        while let Some(value) = seq.next_element::<Value>()? {
             let index = self.next_index.get();
             let location = RowLocation {
                 path: self.path.to_path_buf(),
@@ -163,19 +163,6 @@ impl<'de> Visitor<'de> for ElementVisitor<'_> {
             self.next_index.set(index + 1);
         }
         Ok(())
-    }
-}
-
-struct ValueSeed;
-
-impl<'de> DeserializeSeed<'de> for ValueSeed {
-    type Value = Value;
-
-    fn deserialize<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> std::result::Result<Value, D::Error> {
-        serde::Deserialize::deserialize(deserializer)
     }
 }
 
