@@ -1,1 +1,271 @@
-fn main() {}
+//! `caldpo`: train language models on preference pairs with Cal-DPO, DPO, IPO and more.
+
+mod batch;
+mod checkpoint;
+mod config;
+mod device;
+mod dist;
+mod eval;
+mod metrics;
+mod optim;
+mod plan;
+mod plot;
+mod reference;
+mod setup;
+mod summary;
+mod train;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use caldpo_data::PairTokenizer;
+use caldpo_models::GenerationOptions;
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::dist::Comm;
+
+#[derive(Parser)]
+#[command(
+    name = "caldpo",
+    version,
+    about = "Preference optimisation (Cal-DPO, DPO, IPO, ...) on libtorch"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a policy on preference pairs.
+    Train {
+        /// The TOML configuration (optional with --resume: the run's config.toml).
+        config: Option<PathBuf>,
+        /// Override one key, e.g. --set loss.type=dpo (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Continue the run in RUN_DIR from its newest complete checkpoint.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+        /// Empty a non-empty output_dir that holds an earlier run.
+        #[arg(long)]
+        overwrite: bool,
+        /// Start N local ranks (data-parallel).
+        #[arg(long, default_value_t = 1)]
+        nproc: usize,
+        /// Checkpoint and exit after N optimiser steps of this invocation, to be continued
+        /// with --resume (for jobs with a time limit).
+        #[arg(long, value_name = "N")]
+        stop_after: Option<usize>,
+    },
+    /// Held-out reward accuracy, margins and rewards of a model against its reference.
+    Eval {
+        config: PathBuf,
+        /// Evaluate this model instead of [model] path (e.g. RUN_DIR/final).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Generate a response to one prompt through the model's chat template.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// auto (the tokenizer's), none (plain text) or a .jinja file.
+        #[arg(long, default_value = "auto")]
+        chat_template: String,
+    },
+    /// Convert a GGUF file into an HF folder (config, safetensors, tokenizer).
+    ImportGguf { gguf: PathBuf, out_dir: PathBuf },
+    /// Dataset tools.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Plot reward curves of one or more runs.
+    Plot {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output .png or .svg.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Held-out metrics before and after training, per run.
+    Summary {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Pairs read and kept, drops by reason, length percentiles and one rendered example.
+    Inspect {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+}
+
+fn main() {
+    // A panic is a bug in caldpo, not bad input: say so in one line, without a backtrace.
+    std::panic::set_hook(Box::new(|info| eprintln!("caldpo: internal error: {info}")));
+    init_tracing();
+    device::load_cuda_backend();
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CALDPO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train { config, overrides, resume, overwrite, nproc, stop_after } => {
+            if nproc > 1 {
+                // FIXME(#8): local multi-rank launch comes with the c10d shim.
+                bail!("--nproc {nproc}: data-parallel training is not available in this build yet");
+            }
+            let comm = Comm::from_env()?;
+            let args = train::TrainArgs { config, overrides, resume, overwrite, stop_after };
+            let run_dir = train::run(args, &comm)?;
+            if comm.is_main() {
+                println!("run finished: {}", run_dir.display());
+            }
+            Ok(())
+        }
+        Command::Eval { config, model, json, overrides } => {
+            evaluate(&config, model.as_deref(), json, &overrides)
+        }
+        Command::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            chat_template,
+        } => {
+            let device = device::select(config::DeviceChoice::Auto, 0)?;
+            let (dir, policy) = train::open_policy(&model, device)?;
+            let tokenizer = PairTokenizer::from_model_dir(&dir, &chat_template)?;
+            let prompt_ids = tokenizer.encode_prompt(&prompt)?;
+            let options = GenerationOptions {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                eos_token_ids: tokenizer.eos_token_ids(),
+                pad_token_id: tokenizer.pad_token_id(),
+            };
+            let response = tch::no_grad(|| policy.generate(&[prompt_ids], &options))?;
+            println!("{}", tokenizer.decode(&response[0])?);
+            Ok(())
+        }
+        Command::ImportGguf { gguf, out_dir } => {
+            caldpo_models::import_gguf(&gguf, &out_dir)
+                .with_context(|| format!("cannot import {}", gguf.display()))?;
+            println!("wrote {}", out_dir.display());
+            Ok(())
+        }
+        Command::Data { command: DataCommand::Inspect { config, overrides } } => {
+            let config = Config::load(&config, &overrides)?;
+            let model_dir = caldpo_models::resolve_model_dir(&config.model.path)?;
+            let tokenizer = PairTokenizer::from_model_dir(&model_dir, &config.data.chat_template)?;
+            print!("{}", caldpo_data::inspect(&config.data, &tokenizer, config.train.batch_size)?);
+            Ok(())
+        }
+        Command::Plot { runs, output } => {
+            plot::plot(&runs, &output)?;
+            println!("wrote {}", output.display());
+            Ok(())
+        }
+        Command::Summary { runs } => {
+            print!("{}", summary::render(&runs)?);
+            Ok(())
+        }
+    }
+}
+
+/// `caldpo eval`: the config's reference, loss and held-out pairs against `model` (default
+/// the config's policy).
+fn evaluate(
+    config_path: &Path,
+    model: Option<&Path>,
+    json: bool,
+    overrides: &[String],
+) -> Result<()> {
+    let config = Config::load(config_path, overrides)?;
+    let comm = Comm::single();
+    let loss = config.loss.resolve()?;
+    let device = device::select(config.model.device, 0)?;
+    let model_dir = caldpo_models::resolve_model_dir(&config.model.path)?;
+    let tokenizer = PairTokenizer::from_model_dir(&model_dir, &config.data.chat_template)?;
+    let (train_pairs, eval_pairs) = setup::load_data(&config, &tokenizer)?;
+    if eval_pairs.is_empty() {
+        bail!(
+            "no held-out pairs: set [data] eval or [data] eval_fraction in {}",
+            config_path.display()
+        );
+    }
+    let policy_path = model.unwrap_or(&config.model.path);
+    let (_, policy) = train::open_policy(policy_path, device)?;
+    let reference = setup::build_reference(
+        &config,
+        &loss,
+        &model_dir,
+        &tokenizer,
+        &train_pairs,
+        &eval_pairs,
+        device,
+    )?;
+    let evaluator = eval::Evaluator::new(&config, eval_pairs, tokenizer);
+    let result = evaluator.run(&policy, &reference, &loss, &comm)?.expect("pairs checked above");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result.metrics)?);
+    } else {
+        print_table(&result.metrics);
+    }
+    Ok(())
+}
+
+fn print_table(metrics: &BTreeMap<String, f64>) {
+    let width = metrics.keys().map(String::len).max().unwrap_or(0);
+    for (key, value) in metrics {
+        println!("{key:<width$}  {value:>12.6}");
+    }
+}
+
+/// Caches (reference log-probs, imported models): `$CALDPO_CACHE`, else `~/.cache/caldpo`.
+fn cache_root() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("CALDPO_CACHE") {
+        return Ok(dir.into());
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set; set CALDPO_CACHE instead")?;
+    Ok(PathBuf::from(home).join(".cache").join("caldpo"))
+}
