@@ -143,6 +143,27 @@ fn load_in_bf16() {
 }
 
 #[test]
+fn gpt2_names_without_the_transformer_prefix_load() {
+    // The original GPT-2 files on the hub store `h.0.attn.c_attn.weight`, not
+    // `transformer.h.0.attn.c_attn.weight`.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("gpt2").join("config.json"), dir.path().join("config.json")).unwrap();
+    let tensors = Tensor::read_safetensors(fixture("gpt2").join("model.safetensors")).unwrap();
+    let renamed: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(name, t)| (name.trim_start_matches("transformer.").to_string(), t))
+        .collect();
+    assert!(renamed.iter().any(|(name, _)| name == "h.0.attn.c_attn.weight"));
+    Tensor::write_safetensors(&renamed, dir.path().join("model.safetensors")).unwrap();
+
+    let model = CausalLm::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(model.named_parameters()[0].0, "transformer.wte.weight");
+    let e = expected("gpt2");
+    let error = max_relative_error(&logits_of(&model, "gpt2"), &e.logits, &e.attention_mask);
+    assert!(error < 1e-4);
+}
+
+#[test]
 fn freeze_turns_gradients_off() {
     let mut model = load("gpt2");
     model.freeze();

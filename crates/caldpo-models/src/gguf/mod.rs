@@ -183,6 +183,28 @@ mod tests {
     }
 
     #[test]
+    fn gguf_is_imported_once_into_a_folder_named_by_its_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("tiny.gguf");
+        llama_fixture_as_gguf(&gguf);
+        let root = dir.path().join("imported");
+
+        let first = resolve_gguf(&gguf, &root).unwrap();
+        assert_eq!(first.file_name().unwrap().to_str().unwrap(), &sha256_hex(&gguf).unwrap()[..16]);
+        let written =
+            std::fs::metadata(first.join("model.safetensors")).unwrap().modified().unwrap();
+
+        // The second call finds the folder and does not import again; no staging folder
+        // is left behind.
+        assert_eq!(resolve_gguf(&gguf, &root).unwrap(), first);
+        let again = std::fs::metadata(first.join("model.safetensors")).unwrap().modified().unwrap();
+        assert_eq!(written, again);
+        let entries: Vec<_> = std::fs::read_dir(&root).unwrap().collect();
+        assert_eq!(entries.len(), 1);
+        CausalLm::load(&first, Device::Cpu, Kind::Float).unwrap();
+    }
+
+    #[test]
     fn non_llama_gguf_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let gguf = dir.path().join("x.gguf");
