@@ -183,8 +183,12 @@ fn run(cli: Cli) -> Result<()> {
                 eos_token_ids: tokenizer.eos_token_ids(),
                 pad_token_id: tokenizer.pad_token_id(),
             };
-            let response = tch::no_grad(|| policy.generate(&[prompt_ids], &options))?;
-            println!("{}", tokenizer.decode(&response[0])?);
+            let mut response = tch::no_grad(|| policy.generate(&[prompt_ids], &options))?.remove(0);
+            // The end-of-turn token is not part of the answer.
+            if response.last().is_some_and(|id| options.eos_token_ids.contains(id)) {
+                response.pop();
+            }
+            println!("{}", tokenizer.decode(&response)?);
             Ok(())
         }
         Command::ImportGguf { gguf, out_dir } => {
@@ -226,7 +230,7 @@ fn evaluate(
     let device = device::select(config.model.device, 0)?;
     let model_dir = caldpo_models::resolve_model_dir(&config.model.path)?;
     let tokenizer = PairTokenizer::from_model_dir(&model_dir, &config.data.chat_template)?;
-    let (train_pairs, eval_pairs) = setup::load_data(&config, &tokenizer)?;
+    let (_, eval_pairs) = setup::load_data(&config, &tokenizer)?;
     if eval_pairs.is_empty() {
         bail!(
             "no held-out pairs: set [data] eval or [data] eval_fraction in {}",
@@ -235,15 +239,8 @@ fn evaluate(
     }
     let policy_path = model.unwrap_or(&config.model.path);
     let (_, policy) = train::open_policy(policy_path, device)?;
-    let reference = setup::build_reference(
-        &config,
-        &loss,
-        &model_dir,
-        &tokenizer,
-        &train_pairs,
-        &eval_pairs,
-        device,
-    )?;
+    let splits = [("train", Vec::new()), ("eval", eval_pairs.iter().collect())];
+    let reference = setup::build_reference(&config, &loss, &model_dir, &tokenizer, splits, device)?;
     let evaluator = eval::Evaluator::new(&config, eval_pairs, tokenizer);
     let result = evaluator.run(&policy, &reference, &loss, &comm)?.expect("pairs checked above");
     if json {

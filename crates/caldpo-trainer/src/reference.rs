@@ -62,7 +62,7 @@ impl ReferenceCache {
     /// and rewrites it. Returns the cache and how many pairs were computed.
     pub fn build(
         file: &Path,
-        examples: &[PairExample],
+        examples: &[&PairExample],
         model: &CausalLm,
         batch_size: usize,
         pad_token_id: i64,
@@ -71,7 +71,7 @@ impl ReferenceCache {
         let (mut ids, mut values) = read_cache(file).unwrap_or_default();
         let known: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         let missing: Vec<&PairExample> =
-            examples.iter().filter(|example| !known.contains_key(&example.id)).collect();
+            examples.iter().copied().filter(|example| !known.contains_key(&example.id)).collect();
         for chunk in missing.chunks(batch_size.max(1)) {
             let batch = DeviceBatch::new(collate(chunk, pad_token_id), model.device());
             let logps = tch::no_grad(|| policy_logps(model, &batch, chunk_tokens))?.split_pairs();

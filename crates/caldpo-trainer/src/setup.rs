@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use caldpo_core::ResolvedLoss;
-use caldpo_data::{load_pairs, split_eval, PairDataset, PairExample, PairTokenizer};
+use caldpo_data::{load_pairs, split_eval, PairDataset, PairExample, PairSampler, PairTokenizer};
 use caldpo_models::{resolve_model_dir, CausalLm};
 use tch::{Device, Kind};
 
 use crate::config::{Config, Precision};
 use crate::dist::Comm;
+use crate::plan::Plan;
 use crate::reference::{self, Reference, ReferenceCache};
 
 pub struct Setup {
@@ -51,8 +52,9 @@ impl Setup {
         let policy = CausalLm::load(policy_dir, device, Kind::Float)
             .with_context(|| format!("cannot load the policy from {}", policy_dir.display()))?;
         comm.broadcast_parameters(&policy)?;
-        let reference =
-            build_reference(config, &loss, &model_dir, &tokenizer, &train, &eval, device)?;
+        let visited = visited_pairs(config, comm.world_size(), &train);
+        let splits = [("train", visited), ("eval", eval.iter().collect())];
+        let reference = build_reference(config, &loss, &model_dir, &tokenizer, splits, device)?;
         Ok(Setup { device, model_dir, tokenizer, train, eval, policy, reference, loss })
     }
 }
@@ -127,8 +129,7 @@ pub fn build_reference(
     loss: &ResolvedLoss,
     model_dir: &Path,
     tokenizer: &PairTokenizer,
-    train: &[PairExample],
-    eval: &[PairExample],
+    splits: [(&str, Vec<&PairExample>); 2],
     device: Device,
 ) -> Result<Reference> {
     if !loss.loss.needs_reference() {
@@ -158,9 +159,9 @@ pub fn build_reference(
     let chunk = config.train.logps_chunk_tokens;
     let pad = tokenizer.pad_token_id();
     let mut cache: Option<ReferenceCache> = None;
-    for (split, examples) in [("train", train), ("eval", eval)] {
+    for (split, examples) in splits {
         let file = cache_dir.join(format!("{split}.safetensors"));
-        let (built, computed) = ReferenceCache::build(&file, examples, &model, batch, pad, chunk)?;
+        let (built, computed) = ReferenceCache::build(&file, &examples, &model, batch, pad, chunk)?;
         tracing::info!(
             "reference log-probs for {} {split} pairs: {} computed, {} from {}",
             examples.len(),
@@ -174,6 +175,31 @@ pub fn build_reference(
         });
     }
     Ok(Reference::Cached(cache.expect("two splits were cached")))
+}
+
+/// The training pairs that the run's steps will visit, in no particular order. When
+/// max_steps ends a run before the epochs do, precomputing reference log-probs for the
+/// other pairs would be wasted work.
+fn visited_pairs<'a>(
+    config: &Config,
+    world_size: usize,
+    train: &'a [PairExample],
+) -> Vec<&'a PairExample> {
+    let plan = Plan::new(config, world_size, train.len(), 0, String::new());
+    let lengths = train.iter().map(PairExample::len).collect();
+    let sampler = PairSampler::new(lengths, plan.effective_batch, config.train.seed);
+    let mut seen = vec![false; train.len()];
+    let mut steps = 0;
+    'epochs: for epoch in 0.. {
+        for group in sampler.epoch(epoch) {
+            if steps == plan.total_steps || seen.iter().all(|s| *s) {
+                break 'epochs;
+            }
+            group.iter().for_each(|index| seen[*index] = true);
+            steps += 1;
+        }
+    }
+    train.iter().zip(seen).filter(|(_, seen)| *seen).map(|(pair, _)| pair).collect()
 }
 
 /// Loads a model folder (or .gguf) for evaluation or generation on the best device.

@@ -173,3 +173,21 @@ fn a_finished_run_writes_a_loadable_final_model() {
     );
     assert_ok(&generated);
 }
+
+#[test]
+fn gradient_accumulation_gives_the_same_update_as_one_batch() {
+    // Each micro-batch's summed loss is divided by the pairs of the whole step, so batch 4
+    // and batch 2 x accumulation 2 must produce the same parameters and metrics.
+    let fixture = Fixture::new("");
+    assert_ok(
+        &fixture.train("accum", &["--set", "train.batch_size=2", "--set", "train.grad_accum=2"]),
+    );
+    assert_ok(
+        &fixture.train("whole", &["--set", "train.batch_size=4", "--set", "train.grad_accum=1"]),
+    );
+    let (accum, whole) = (metrics(&fixture.path("accum")), metrics(&fixture.path("whole")));
+    assert_eq!(accum.len(), 6);
+    for (a, b) in accum.iter().zip(&whole) {
+        assert_close(a, b, 1e-4);
+    }
+}
