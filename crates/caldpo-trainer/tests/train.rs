@@ -191,3 +191,39 @@ fn gradient_accumulation_gives_the_same_update_as_one_batch() {
         assert_close(a, b, 1e-4);
     }
 }
+
+#[test]
+fn sigint_finishes_the_step_writes_a_checkpoint_and_exits() {
+    let fixture = Fixture::new("");
+    let run = fixture.path("interrupted");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_caldpo"))
+        .args(["train", fixture.config.to_str().unwrap()])
+        .args(["--set", &format!("train.output_dir={}", run.display())])
+        .args(["--set", "train.max_steps=100000", "--set", "train.epochs=100000"])
+        .env("CALDPO_CACHE", fixture.path("cache"))
+        .env("CALDPO_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first logged step, then interrupt as Ctrl-C would.
+    let metrics_file = run.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !std::fs::metadata(&metrics_file).is_ok_and(|m| m.len() > 0) {
+        assert!(std::time::Instant::now() < deadline, "no step was logged");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted at step"), "{stderr}");
+    let checkpoints: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().to_string())
+        .filter(|name| name.starts_with("checkpoint-") && !name.ends_with(".partial"))
+        .collect();
+    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+    assert!(run.join(&checkpoints[0]).join("model.safetensors").exists());
+}
