@@ -324,9 +324,6 @@ impl Config {
         if optim.max_grad_norm < 0.0 || optim.weight_decay < 0.0 {
             bail!("[optim] max_grad_norm and weight_decay must not be negative");
         }
-        if !(0.0..1.0).contains(&self.data.eval_fraction) {
-            bail!("[data] eval_fraction must be in [0, 1), got {}", self.data.eval_fraction);
-        }
         if self.log.every_steps == 0 {
             bail!("[log] every_steps must be at least 1");
         }

@@ -238,7 +238,9 @@ impl<'a> Trainer<'a> {
             }
             if pause {
                 progress.finish();
-                self.progress_note(&format!("stopped after step {step} as asked; {resume_hint}"));
+                if self.comm.is_main() {
+                    tracing::info!("stopped after step {step} as asked; {resume_hint}");
+                }
                 return Ok(());
             }
         }
@@ -249,13 +251,7 @@ impl<'a> Trainer<'a> {
     /// One optimiser step over a group of pair indices; returns (pairs, tokens) this rank
     /// processed.
     fn step(&mut self, group: &[usize]) -> Result<(usize, usize)> {
-        let lr = learning_rate(
-            self.config.optim.schedule,
-            self.config.optim.lr,
-            self.state.step,
-            self.plan.warmup_steps,
-            self.plan.total_steps,
-        );
+        let lr = self.lr_at(self.state.step);
         let record = self.forward_backward(group)?;
         self.comm.all_reduce_gradients(self.optimizer.parameters())?;
         let grad_norm =
@@ -329,13 +325,8 @@ impl<'a> Trainer<'a> {
         let window_steps = self.state.window_steps.max(1) as f64;
         let grad_norm = f64::try_from(&self.window_grad_norm)? / window_steps;
         let step = self.state.step;
-        let lr = learning_rate(
-            self.config.optim.schedule,
-            self.config.optim.lr,
-            step - 1,
-            self.plan.warmup_steps,
-            self.plan.total_steps,
-        );
+        // The rate the window's last step used.
+        let lr = self.lr_at(step - 1);
         let world = self.comm.world_size() as f64;
         metrics.insert("lr".into(), lr);
         metrics.insert("grad_norm".into(), grad_norm);
@@ -344,8 +335,7 @@ impl<'a> Trainer<'a> {
         if self.state.skipped_steps > 0 {
             metrics.insert("skipped_steps".into(), self.state.skipped_steps as f64);
         }
-        let epoch = self.state.epoch as f64
-            + self.state.step_in_epoch as f64 / self.plan.steps_per_epoch.max(1) as f64;
+        let epoch = self.epoch_progress();
         if let Some(writer) = &mut self.writer {
             writer.write(&metrics::record(step, epoch, &metrics, ""))?;
         }
@@ -356,8 +346,7 @@ impl<'a> Trainer<'a> {
     }
 
     fn evaluate(&mut self, step: usize) -> Result<()> {
-        let epoch = self.state.epoch as f64
-            + self.state.step_in_epoch as f64 / self.plan.steps_per_epoch.max(1) as f64;
+        let epoch = self.epoch_progress();
         let result = self.evaluator.run(&self.policy, &self.reference, &self.loss, self.comm)?;
         let Some(result) = result else { return Ok(()) };
         tracing::info!(
@@ -375,10 +364,16 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    fn progress_note(&self, line: &str) {
-        if self.comm.is_main() {
-            tracing::info!("{line}");
-        }
+    /// Learning rate of optimiser step `step` (0-based).
+    fn lr_at(&self, step: usize) -> f64 {
+        let optim = &self.config.optim;
+        learning_rate(optim.schedule, optim.lr, step, self.plan.warmup_steps, self.plan.total_steps)
+    }
+
+    /// Epochs completed so far, fractional within the current one.
+    fn epoch_progress(&self) -> f64 {
+        let within = self.state.step_in_epoch as f64 / self.plan.steps_per_epoch.max(1) as f64;
+        self.state.epoch as f64 + within
     }
 
     fn checkpoint(&mut self, progress: &Progress) -> Result<()> {
