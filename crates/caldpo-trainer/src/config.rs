@@ -218,11 +218,13 @@ pub struct DistributedSection {
     pub backend: Backend,
     /// Seconds a collective may wait for the other ranks before the job fails (default 600).
     pub timeout_s: u64,
+    /// Gradients are all-reduced in buckets of at most this many MiB (default 25).
+    pub bucket_mb: u64,
 }
 
 impl Default for DistributedSection {
     fn default() -> Self {
-        Self { backend: Backend::Auto, timeout_s: 600 }
+        Self { backend: Backend::Auto, timeout_s: 600, bucket_mb: 25 }
     }
 }
 

@@ -39,7 +39,7 @@ fn loaded_libtorch_dir() -> Option<PathBuf> {
         .and_then(|path| PathBuf::from(path).parent().map(PathBuf::from))
 }
 
-/// Resolves `[model] device` for local rank `local_rank`.
+/// Resolves `[model] device` for local rank `local_rank`: cuda:LOCAL_RANK on GPUs.
 pub fn select(choice: DeviceChoice, local_rank: usize) -> Result<Device> {
     let cuda = tch::Cuda::is_available();
     match choice {
@@ -48,6 +48,15 @@ pub fn select(choice: DeviceChoice, local_rank: usize) -> Result<Device> {
         DeviceChoice::Cuda if !cuda => {
             bail!("[model] device = \"cuda\" but no CUDA device is available to libtorch")
         }
-        DeviceChoice::Auto | DeviceChoice::Cuda => Ok(Device::Cuda(local_rank)),
+        DeviceChoice::Auto | DeviceChoice::Cuda => {
+            let count = tch::Cuda::device_count() as usize;
+            match local_rank {
+                index if index < count => Ok(Device::Cuda(index)),
+                // A scheduler that gives each rank one GPU (SLURM's --gpus-per-task=1) shows
+                // it as the only device, whatever the local rank.
+                _ if count == 1 => Ok(Device::Cuda(0)),
+                _ => bail!("local rank {local_rank} has no GPU: this host shows {count}"),
+            }
+        }
     }
 }

@@ -104,9 +104,11 @@ impl Evaluator {
         }
         comm.all_reduce_sum(tracker.sums_mut())?;
         comm.all_reduce_sum(&mut spread)?;
-        let mut metrics = tracker.summary();
+        let snapshot = tracker.snapshot();
+        let mut metrics = snapshot.means;
         let spread = Vec::<f64>::try_from(spread.to_device(Device::Cpu))?;
-        let pairs = self.pairs.len() as f64;
+        // Counted on the devices and summed over ranks, so a lost shard would show here.
+        let pairs = snapshot.pairs;
         for (i, key) in SPREAD_KEYS.iter().enumerate() {
             metrics.insert(
                 format!("{key}_stderr"),

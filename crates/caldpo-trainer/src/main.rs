@@ -1,11 +1,13 @@
 //! `caldpo`: train language models on preference pairs with Cal-DPO, DPO, IPO and more.
 
 mod batch;
+mod c10d;
 mod checkpoint;
 mod config;
 mod device;
 mod dist;
 mod eval;
+mod launch;
 mod metrics;
 mod optim;
 mod plan;
@@ -24,7 +26,7 @@ use caldpo_models::GenerationOptions;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::dist::Comm;
+use crate::dist::{Comm, WorldInfo};
 
 #[derive(Parser)]
 #[command(
@@ -52,8 +54,8 @@ enum Command {
         /// Empty a non-empty output_dir that holds an earlier run.
         #[arg(long)]
         overwrite: bool,
-        /// Start N local ranks (data-parallel).
-        #[arg(long, default_value_t = 1)]
+        /// Start N local ranks (data-parallel over this host's GPUs, or CPU processes).
+        #[arg(long, default_value_t = 1, value_name = "N")]
         nproc: usize,
         /// Checkpoint and exit after N optimiser steps of this invocation, to be continued
         /// with --resume (for jobs with a time limit).
@@ -126,17 +128,27 @@ enum DataCommand {
 fn main() {
     // A panic is a bug in caldpo, not bad input: say so in one line, without a backtrace.
     std::panic::set_hook(Box::new(|info| eprintln!("caldpo: internal error: {info}")));
-    init_tracing();
+    // In a world of several ranks, messages say which rank they come from.
+    let rank = WorldInfo::from_env(|name| std::env::var(name).ok())
+        .ok()
+        .filter(|info| info.world_size > 1)
+        .map(|info| info.rank);
+    init_tracing(rank);
     device::load_cuda_backend();
     if let Err(err) = run(Cli::parse()) {
-        eprintln!("error: {err:#}");
+        match rank {
+            Some(rank) => eprintln!("error (rank {rank}): {err:#}"),
+            None => eprintln!("error: {err:#}"),
+        }
         std::process::exit(1);
     }
 }
 
-fn init_tracing() {
+/// Info-level logs from rank 0 only (the others would repeat it); warnings from every rank.
+fn init_tracing(rank: Option<usize>) {
+    let default = if rank.unwrap_or(0) == 0 { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CALDPO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -147,14 +159,25 @@ fn init_tracing() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train { config, overrides, resume, overwrite, nproc, stop_after } => {
-            if nproc > 1 {
-                // FIXME(#8): local multi-rank launch comes with the c10d shim.
-                bail!("--nproc {nproc}: data-parallel training is not available in this build yet");
+            let info = WorldInfo::from_env(|name| std::env::var(name).ok())?;
+            let launched = std::env::var_os(launch::LAUNCHED_VAR).is_some();
+            if nproc > 1 && !launched {
+                if info.world_size > 1 {
+                    bail!(
+                        "--nproc {nproc} starts its own ranks, but this process is already rank \
+                         {} of {} (torchrun or SLURM); drop --nproc",
+                        info.rank,
+                        info.world_size
+                    );
+                }
+                return launch::local(nproc);
             }
-            let comm = Comm::from_env()?;
+            if nproc == 0 {
+                bail!("--nproc must be at least 1");
+            }
             let args = train::TrainArgs { config, overrides, resume, overwrite, stop_after };
-            let run_dir = train::run(args, &comm)?;
-            if comm.is_main() {
+            let run_dir = train::run(args, info)?;
+            if info.rank == 0 {
                 println!("run finished: {}", run_dir.display());
             }
             Ok(())
@@ -240,7 +263,8 @@ fn evaluate(
     let policy_path = model.unwrap_or(&config.model.path);
     let (_, policy) = train::open_policy(policy_path, device)?;
     let splits = [("train", Vec::new()), ("eval", eval_pairs.iter().collect())];
-    let reference = setup::build_reference(&config, &loss, &model_dir, &tokenizer, splits, device)?;
+    let reference =
+        setup::build_reference(&config, &loss, &model_dir, &tokenizer, splits, device, &comm)?;
     let evaluator = eval::Evaluator::new(&config, eval_pairs, tokenizer);
     let result = evaluator.run(&policy, &reference, &loss, &comm)?.expect("pairs checked above");
     if json {

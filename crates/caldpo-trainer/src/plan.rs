@@ -18,17 +18,14 @@ pub struct Plan {
     pub steps_per_epoch: usize,
     pub total_steps: usize,
     pub warmup_steps: usize,
-    pub device: String,
+    /// `gloo`, `nccl`, or `none` for a single process.
+    pub backend: String,
+    /// Each rank's device.
+    pub devices: Vec<String>,
 }
 
 impl Plan {
-    pub fn new(
-        config: &Config,
-        world_size: usize,
-        train_pairs: usize,
-        eval_pairs: usize,
-        device: String,
-    ) -> Plan {
+    pub fn new(config: &Config, world_size: usize, train_pairs: usize, eval_pairs: usize) -> Plan {
         let train = &config.train;
         let effective_batch = train.batch_size * train.grad_accum * world_size;
         let steps_per_epoch = train_pairs.div_ceil(effective_batch);
@@ -51,7 +48,8 @@ impl Plan {
             steps_per_epoch,
             total_steps,
             warmup_steps,
-            device,
+            backend: String::new(),
+            devices: Vec::new(),
         }
     }
 }
@@ -69,7 +67,7 @@ mod tests {
         config.optim.warmup_ratio = 0.1;
         // 2 x 3 x 2 ranks = 12 pairs a step; 100 pairs -> ceil(100 / 12) = 9 steps an epoch,
         // 18 in two epochs; warmup ceil(1.8) = 2.
-        let plan = Plan::new(&config, 2, 100, 10, "cpu".into());
+        let plan = Plan::new(&config, 2, 100, 10);
         assert_eq!((plan.effective_batch, plan.steps_per_epoch), (12, 9));
         assert_eq!((plan.total_steps, plan.warmup_steps), (18, 2));
     }

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use crate::batch::{policy_logps, DeviceBatch};
+use crate::dist::Comm;
 
 /// Where reference log-probs come from during training and evaluation.
 pub enum Reference {
@@ -59,7 +60,9 @@ const COLUMNS: i64 = 6;
 
 impl ReferenceCache {
     /// Loads `file` when it covers every pair, else computes the missing pairs with `model`
-    /// and rewrites it. Returns the cache and how many pairs were computed.
+    /// and rank 0 rewrites it. Each rank computes a contiguous share of the missing pairs,
+    /// and the shares are gathered so that every rank holds them all. Returns the cache and
+    /// how many pairs were computed.
     pub fn build(
         file: &Path,
         examples: &[&PairExample],
@@ -67,12 +70,29 @@ impl ReferenceCache {
         batch_size: usize,
         pad_token_id: i64,
         chunk_tokens: i64,
+        comm: &Comm,
     ) -> Result<(ReferenceCache, usize)> {
         let (mut ids, mut values) = read_cache(file).unwrap_or_default();
         let known: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        let missing: Vec<&PairExample> =
+        let mut missing: Vec<&PairExample> =
             examples.iter().copied().filter(|example| !known.contains_key(&example.id)).collect();
-        for chunk in missing.chunks(batch_size.max(1)) {
+        if !agree_on(comm, &missing)? {
+            // Ranks on different hosts can hold different caches: then all of it is redone.
+            (ids, values, missing) = (Vec::new(), Vec::new(), examples.to_vec());
+        }
+        if missing.is_empty() {
+            let rows = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+            let values = Tensor::from_slice(&values)
+                .view([ids.len() as i64, COLUMNS])
+                .to_device(model.device());
+            return Ok((ReferenceCache { rows, values }, 0));
+        }
+        let share = missing.len().div_ceil(comm.world_size());
+        let start = (comm.rank() * share).min(missing.len());
+        let mine = &missing[start..(start + share).min(missing.len())];
+        let computed = Tensor::zeros([share as i64, COLUMNS], (Kind::Float, model.device()));
+        let batch_size = batch_size.max(1);
+        for (index, chunk) in mine.chunks(batch_size).enumerate() {
             let batch = DeviceBatch::new(collate(chunk, pad_token_id), model.device());
             let logps = tch::no_grad(|| policy_logps(model, &batch, chunk_tokens))?.split_pairs();
             let rows = Tensor::stack(
@@ -86,12 +106,17 @@ impl ReferenceCache {
                 ],
                 1,
             );
-            values.extend(Vec::<f32>::try_from(
-                rows.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, 1),
-            )?);
-            ids.extend(chunk.iter().map(|example| example.id));
+            let offset = (index * batch_size) as i64;
+            tch::no_grad(|| {
+                computed.narrow(0, offset, chunk.len() as i64).copy_(&rows.to_kind(Kind::Float))
+            });
         }
-        if !missing.is_empty() {
+        // Shares are full up to the last pair, so the gathered rows are the missing pairs in
+        // order, followed by padding.
+        let gathered = comm.all_gather(&computed)?.flatten(0, 1).narrow(0, 0, missing.len() as i64);
+        values.extend(Vec::<f32>::try_from(gathered.to_device(Device::Cpu).flatten(0, 1))?);
+        ids.extend(missing.iter().map(|example| example.id));
+        if comm.is_main() {
             write_cache(file, &ids, &values)?;
         }
         let rows = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
@@ -128,6 +153,20 @@ impl ReferenceCache {
             },
         })
     }
+}
+
+/// Whether every rank found the same pairs missing from its cache (one small all-gather of
+/// their count and a fingerprint of their ids).
+fn agree_on(comm: &Comm, missing: &[&PairExample]) -> Result<bool> {
+    if comm.world_size() == 1 {
+        return Ok(true);
+    }
+    let fingerprint = missing.iter().fold(0u64, |acc, example| {
+        acc.rotate_left(5) ^ example.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    });
+    let mine = Tensor::from_slice(&[missing.len() as i64, fingerprint as i64]);
+    let all = Vec::<i64>::try_from(comm.all_gather(&mine)?.flatten(0, 1))?;
+    Ok(all.chunks(2).all(|rank| rank == &all[..2]))
 }
 
 /// The cache directory for a reference model under the given data settings.

@@ -29,7 +29,12 @@ pub struct Setup {
 impl Setup {
     /// `resume`: a checkpoint directory whose weights replace the initial policy's. The
     /// reference always comes from the initial model, so it stays anchored across resumes.
-    pub fn new(config: &Config, comm: &Comm, resume: Option<&Path>) -> Result<Setup> {
+    pub fn new(
+        config: &Config,
+        comm: &Comm,
+        device: Device,
+        resume: Option<&Path>,
+    ) -> Result<Setup> {
         let loss = config.loss.resolve().context("[loss]")?;
         if !loss.ignored_keys.is_empty() && comm.is_main() {
             tracing::warn!(
@@ -46,7 +51,6 @@ impl Setup {
         let model_dir = resolve_model_dir(&config.model.path)?;
         let tokenizer = PairTokenizer::from_model_dir(&model_dir, &config.data.chat_template)?;
         let (train, eval) = load_data(config, &tokenizer)?;
-        let device = crate::device::select(config.model.device, comm.local_rank())?;
 
         let policy_dir = resume.unwrap_or(&model_dir);
         let policy = CausalLm::load(policy_dir, device, Kind::Float)
@@ -54,7 +58,8 @@ impl Setup {
         comm.broadcast_parameters(&policy)?;
         let visited = visited_pairs(config, comm.world_size(), &train);
         let splits = [("train", visited), ("eval", eval.iter().collect())];
-        let reference = build_reference(config, &loss, &model_dir, &tokenizer, splits, device)?;
+        let reference =
+            build_reference(config, &loss, &model_dir, &tokenizer, splits, device, comm)?;
         Ok(Setup { device, model_dir, tokenizer, train, eval, policy, reference, loss })
     }
 }
@@ -131,6 +136,7 @@ pub fn build_reference(
     tokenizer: &PairTokenizer,
     splits: [(&str, Vec<&PairExample>); 2],
     device: Device,
+    comm: &Comm,
 ) -> Result<Reference> {
     if !loss.loss.needs_reference() {
         return Ok(Reference::None);
@@ -161,7 +167,8 @@ pub fn build_reference(
     let mut cache: Option<ReferenceCache> = None;
     for (split, examples) in splits {
         let file = cache_dir.join(format!("{split}.safetensors"));
-        let (built, computed) = ReferenceCache::build(&file, &examples, &model, batch, pad, chunk)?;
+        let (built, computed) =
+            ReferenceCache::build(&file, &examples, &model, batch, pad, chunk, comm)?;
         tracing::info!(
             "reference log-probs for {} {split} pairs: {} computed, {} from {}",
             examples.len(),
@@ -185,7 +192,7 @@ fn visited_pairs<'a>(
     world_size: usize,
     train: &'a [PairExample],
 ) -> Vec<&'a PairExample> {
-    let plan = Plan::new(config, world_size, train.len(), 0, String::new());
+    let plan = Plan::new(config, world_size, train.len(), 0);
     let lengths = train.iter().map(PairExample::len).collect();
     let sampler = PairSampler::new(lengths, plan.effective_batch, config.train.seed);
     let mut seen = vec![false; train.len()];

@@ -15,7 +15,7 @@ use tch::{Device, Tensor};
 use crate::batch::{policy_logps, DeviceBatch};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::Config;
-use crate::dist::Comm;
+use crate::dist::{Comm, WorldInfo};
 use crate::eval::{self, Evaluator};
 use crate::metrics::{self, MetricsWriter, Progress};
 use crate::optim::{clip_grad_norm, learning_rate, Optimizer};
@@ -33,17 +33,24 @@ pub struct TrainArgs {
     pub stop_after: Option<usize>,
 }
 
-/// Runs training to the end (or to a signal) and returns the run directory.
-pub fn run(args: TrainArgs, comm: &Comm) -> Result<PathBuf> {
+/// Runs training as rank `info` to the end (or to a signal) and returns the run directory.
+pub fn run(args: TrainArgs, info: WorldInfo) -> Result<PathBuf> {
     let (config, resume_from) = resolve_config(&args)?;
+    let device = crate::device::select(config.model.device, info.local_rank)?;
+    let comm = Comm::connect(info, &config.distributed, device)?;
     let run_dir = config.train.output_dir.clone();
-    if comm.is_main() {
-        prepare_run_dir(&run_dir, resume_from.is_some(), args.overwrite)?;
+    let prepared = match comm.is_main() {
+        true => prepare_run_dir(&run_dir, resume_from.is_some(), args.overwrite),
+        false => Ok(()),
+    };
+    // Every rank learns whether rank 0 could prepare the directory, and stops with it.
+    if comm.any(prepared.is_err())? {
+        prepared?;
+        bail!("rank 0 could not prepare the output directory {}", run_dir.display());
     }
-    comm.barrier()?;
 
-    let setup = Setup::new(&config, comm, resume_from.as_deref())?;
-    let mut trainer = Trainer::new(config, setup, comm, resume_from.as_deref())?;
+    let setup = Setup::new(&config, &comm, device, resume_from.as_deref())?;
+    let mut trainer = Trainer::new(config, setup, &comm, resume_from.as_deref())?;
     trainer.train(args.stop_after)?;
     Ok(run_dir)
 }
@@ -122,11 +129,23 @@ struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     fn new(config: Config, setup: Setup, comm: &'a Comm, resume: Option<&Path>) -> Result<Self> {
         let Setup { device, model_dir, tokenizer, train, eval, policy, reference, loss } = setup;
-        let plan =
-            Plan::new(&config, comm.world_size(), train.len(), eval.len(), format!("{device:?}"));
+        let mut plan = Plan::new(&config, comm.world_size(), train.len(), eval.len());
+        plan.backend = comm.backend().to_string();
+        plan.devices = rank_devices(comm, device)?;
         let config_toml = config.to_toml()?;
         let run_dir = &config.train.output_dir;
         if comm.is_main() {
+            tracing::info!(
+                "world size {}, backend {}, devices {}, effective batch {} ({} per micro-batch x \
+                 {} accumulation x {} ranks)",
+                plan.world_size,
+                plan.backend,
+                plan.devices.join(" "),
+                plan.effective_batch,
+                plan.batch_size,
+                plan.grad_accum,
+                plan.world_size
+            );
             tracing::info!("plan: {}", serde_json::to_string(&plan)?);
             std::fs::write(run_dir.join("config.toml"), &config_toml)?;
             std::fs::write(run_dir.join("plan.json"), serde_json::to_string_pretty(&plan)?)?;
@@ -139,7 +158,8 @@ impl<'a> Trainer<'a> {
         if let Some(dir) = resume {
             let (saved, optimizer_state) = checkpoint::load(dir)?;
             optimizer.load_state(&optimizer_state, saved.step as i64)?;
-            if !saved.window_sums.is_empty() {
+            // The saved window holds the sums of all ranks; rank 0 alone carries them on.
+            if !saved.window_sums.is_empty() && comm.is_main() {
                 let sums = Tensor::from_slice(&saved.window_sums).to_device(device);
                 tch::no_grad(|| tracker.sums_mut().copy_(&sums));
             }
@@ -321,17 +341,22 @@ impl<'a> Trainer<'a> {
     /// Reduces the window's sums across ranks (one host sync) and appends a metrics line.
     fn log(&mut self, seconds: f64, pairs: usize, tokens: usize) -> Result<BTreeMap<String, f64>> {
         self.comm.all_reduce_sum(self.tracker.sums_mut())?;
-        let mut metrics = self.tracker.summary();
+        // What every rank processed in the window, for the rates.
+        let mut processed = Tensor::from_slice(&[pairs as f64, tokens as f64]);
+        self.comm.all_reduce_sum(&mut processed)?;
+        let processed = Vec::<f64>::try_from(&processed)?;
+        let snapshot = self.tracker.snapshot();
+        let mut metrics = snapshot.means;
+        metrics.insert("pairs".into(), snapshot.pairs);
         let window_steps = self.state.window_steps.max(1) as f64;
         let grad_norm = f64::try_from(&self.window_grad_norm)? / window_steps;
         let step = self.state.step;
         // The rate the window's last step used.
         let lr = self.lr_at(step - 1);
-        let world = self.comm.world_size() as f64;
         metrics.insert("lr".into(), lr);
         metrics.insert("grad_norm".into(), grad_norm);
-        metrics.insert("pairs_per_second".into(), pairs as f64 * world / seconds.max(1e-9));
-        metrics.insert("tokens_per_second".into(), tokens as f64 * world / seconds.max(1e-9));
+        metrics.insert("pairs_per_second".into(), processed[0] / seconds.max(1e-9));
+        metrics.insert("tokens_per_second".into(), processed[1] / seconds.max(1e-9));
         if self.state.skipped_steps > 0 {
             metrics.insert("skipped_steps".into(), self.state.skipped_steps as f64);
         }
@@ -377,9 +402,12 @@ impl<'a> Trainer<'a> {
     }
 
     fn checkpoint(&mut self, progress: &Progress) -> Result<()> {
-        // Carry the unlogged window into the checkpoint (one host sync, only here).
+        // Carry the unlogged window of every rank into the checkpoint (one host sync, only
+        // here).
+        let mut window_sums = self.tracker.sums().copy();
+        self.comm.all_reduce_sum(&mut window_sums)?;
         let state = TrainerState {
-            window_sums: Vec::<f64>::try_from(self.tracker.sums().to_device(Device::Cpu))?,
+            window_sums: Vec::<f64>::try_from(window_sums.to_device(Device::Cpu))?,
             window_grad_norm: f64::try_from(&self.window_grad_norm)?,
             ..self.state.clone()
         };
@@ -415,6 +443,20 @@ impl<'a> Trainer<'a> {
         }
         self.comm.barrier()
     }
+}
+
+/// Each rank's device, as "cpu" or "cuda:N", gathered from every rank.
+fn rank_devices(comm: &Comm, device: Device) -> Result<Vec<String>> {
+    let ordinal = match device {
+        Device::Cuda(index) => index as i64,
+        _ => -1,
+    };
+    let gathered = comm.all_gather(&Tensor::from_slice(&[ordinal]).to_device(device))?;
+    let ordinals = Vec::<i64>::try_from(gathered.flatten(0, -1).to_device(Device::Cpu))?;
+    Ok(ordinals
+        .into_iter()
+        .map(|ordinal| if ordinal < 0 { "cpu".to_string() } else { format!("cuda:{ordinal}") })
+        .collect())
 }
 
 /// Which step, pairs and loss terms went non-finite. Runs only on the failure path, so its

@@ -2,36 +2,7 @@
 
 mod common;
 
-use common::{assert_close, assert_ok, caldpo, config_file, metrics, pairs_file, tiny_model};
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    config: std::path::PathBuf,
-}
-
-impl Fixture {
-    fn new(extra: &str) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let model = tiny_model(dir.path());
-        let pairs = pairs_file(dir.path());
-        let config = config_file(dir.path(), &model, &pairs, extra);
-        Fixture { dir, config }
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// `caldpo train` into RUN_DIR `run` with extra arguments.
-    fn train(&self, run: &str, args: &[&str]) -> std::process::Output {
-        let run_dir = self.path(run);
-        let output_dir = format!("train.output_dir={}", run_dir.display());
-        let config = self.config.to_str().unwrap();
-        let mut all = vec!["train", config, "--set", &output_dir];
-        all.extend_from_slice(args);
-        caldpo(&all, &self.path("cache"))
-    }
-}
+use common::{assert_close, assert_ok, caldpo, metrics, Fixture};
 
 fn first_loss(fixture: &Fixture, run: &str, loss: &str) -> f64 {
     let output = fixture.train(run, &["--set", loss, "--set", "train.max_steps=2"]);

@@ -153,3 +153,33 @@ pub fn assert_close(a: &Value, b: &Value, tolerance: f64) {
         assert!((x - y).abs() / scale <= tolerance, "{key}: {x} vs {y}");
     }
 }
+
+/// A tiny model, the twelve pairs and a config in a temporary directory.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub config: std::path::PathBuf,
+}
+
+impl Fixture {
+    pub fn new(extra: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(dir.path());
+        let pairs = pairs_file(dir.path());
+        let config = config_file(dir.path(), &model, &pairs, extra);
+        Fixture { dir, config }
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `caldpo train` into RUN_DIR `run` with extra arguments.
+    pub fn train(&self, run: &str, args: &[&str]) -> std::process::Output {
+        let run_dir = self.path(run);
+        let output_dir = format!("train.output_dir={}", run_dir.display());
+        let config = self.config.to_str().unwrap();
+        let mut all = vec!["train", config, "--set", &output_dir];
+        all.extend_from_slice(args);
+        caldpo(&all, &self.path("cache"))
+    }
+}

@@ -1,0 +1,297 @@
+// A C ABI over libtorch's c10d: a process group (Gloo for CPU tensors, NCCL for CUDA tensors
+// when built with CALDPO_NCCL) rendezvoused through a TCPStore, the collectives the trainer
+// needs, and a heartbeat the trainer reads to name a rank that died or hangs.
+//
+// Tensors cross the boundary as `at::Tensor*`, which is what tch's C_tensor handles point to.
+// Every function catches C++ exceptions and reports them through `err` (a caller buffer):
+// an exception must never unwind into Rust.
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#ifdef CALDPO_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+namespace {
+
+using Millis = std::chrono::milliseconds;
+
+void report(char* err, size_t len, const std::string& message) {
+  if (err == nullptr || len == 0) return;
+  size_t n = std::min(message.size(), len - 1);
+  std::memcpy(err, message.data(), n);
+  err[n] = '\0';
+}
+
+// Runs `body`, turning any exception into -1 and a message without a C++ backtrace.
+template <typename F>
+int guarded(char* err, size_t len, F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const c10::Error& e) {
+    report(err, len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    report(err, len, e.what());
+  } catch (...) {
+    report(err, len, "unknown C++ exception");
+  }
+  return -1;
+}
+
+// The rendezvous connection of a rank (`world` > 0: rank 0 serves, and every rank waits
+// until all `world` have joined), or an extra client of an existing store (`world` == 0).
+c10::intrusive_ptr<c10d::TCPStore> connect_store(const std::string& host, uint16_t port,
+                                                 bool server, int world, Millis timeout) {
+  c10d::TCPStoreOptions options;
+  options.port = port;
+  options.isServer = server;
+  options.waitWorkers = world > 0;
+  if (world > 0) options.numWorkers = static_cast<size_t>(world);
+  options.timeout = timeout;
+  return c10::make_intrusive<c10d::TCPStore>(host, options);
+}
+
+std::string heartbeat_key(int rank) { return "caldpo/heartbeat/" + std::to_string(rank); }
+
+}  // namespace
+
+struct caldpo_pg {
+  int rank = 0;
+  int world = 1;
+  Millis timeout{0};
+  std::string host;
+  uint16_t port = 0;
+  c10::intrusive_ptr<c10d::TCPStore> store;
+  // A second connection for reads and marks from the trainer's thread, and a third owned by
+  // the heartbeat thread: TCPStore clients are not meant to be shared across threads.
+  c10::intrusive_ptr<c10d::TCPStore> probe;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::thread heartbeat;
+  std::mutex mutex;
+  std::condition_variable wake;
+  bool stopping = false;
+
+  // Waits for a collective; a failure or a timeout becomes an exception.
+  void wait(const c10::intrusive_ptr<c10d::Work>& work) {
+    if (!work->wait(timeout)) {
+      throw std::runtime_error("collective did not finish within the timeout");
+    }
+  }
+
+  // Where collectives run: Gloo reduces on the CPU, NCCL on this rank's GPU. Tensors
+  // elsewhere are staged through a bucket there and copied back.
+  at::Device device{at::kCPU};
+
+  void start_heartbeat() {
+    auto client = connect_store(host, port, false, 0, timeout);
+    heartbeat = std::thread([this, client]() {
+      int64_t beat = 0;
+      std::unique_lock<std::mutex> lock(mutex);
+      while (!stopping) {
+        lock.unlock();
+        try {
+          ++beat;
+          std::string value = std::to_string(beat);
+          client->set(heartbeat_key(rank), std::vector<uint8_t>(value.begin(), value.end()));
+        } catch (...) {
+          // The store lives in rank 0; once it is gone there is nobody to tell.
+          return;
+        }
+        lock.lock();
+        wake.wait_for(lock, std::chrono::seconds(1), [this] { return stopping; });
+      }
+    });
+  }
+
+  ~caldpo_pg() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stopping = true;
+    }
+    wake.notify_all();
+    if (heartbeat.joinable()) heartbeat.join();
+    backend.reset();
+  }
+};
+
+// Tensors are reduced in buckets of at most `bucket_bytes` (one tensor larger than that is a
+// bucket of its own), each flattened into one contiguous buffer on the collective's device.
+// `op`: 0 all-reduce sum, 1 all-reduce average, 2 broadcast from `root`.
+static void bucketed(caldpo_pg* pg, at::Tensor** tensors, size_t count, int op, int root,
+                     int64_t bucket_bytes) {
+  size_t start = 0;
+  while (start < count) {
+    const at::Tensor& first = *tensors[start];
+    size_t end = start + 1;
+    int64_t bytes = first.numel() * first.element_size();
+    while (end < count) {
+      const at::Tensor& next = *tensors[end];
+      int64_t more = next.numel() * next.element_size();
+      if (next.scalar_type() != first.scalar_type() || next.device() != first.device() ||
+          bytes + more > bucket_bytes) {
+        break;
+      }
+      bytes += more;
+      ++end;
+    }
+    std::vector<at::Tensor> flat_parts;
+    for (size_t i = start; i < end; ++i) flat_parts.push_back(tensors[i]->reshape({-1}));
+    at::Tensor flat = at::cat(flat_parts).to(pg->device).contiguous();
+    std::vector<at::Tensor> buffers{flat};
+    if (op == 2) {
+      c10d::BroadcastOptions options;
+      options.rootRank = root;
+      options.timeout = pg->timeout;
+      pg->wait(pg->backend->broadcast(buffers, options));
+    } else {
+      c10d::AllreduceOptions options;
+      options.reduceOp = c10d::ReduceOp::SUM;
+      options.timeout = pg->timeout;
+      pg->wait(pg->backend->allreduce(buffers, options));
+      // Gloo has no average; dividing the summed bucket is exact for a power-of-two world.
+      if (op == 1) flat.div_(pg->world);
+    }
+    int64_t offset = 0;
+    for (size_t i = start; i < end; ++i) {
+      at::Tensor& target = *tensors[i];
+      int64_t n = target.numel();
+      target.copy_(flat.narrow(0, offset, n).view(target.sizes()));
+      offset += n;
+    }
+    start = end;
+  }
+}
+
+extern "C" {
+
+int caldpo_pg_has_nccl() {
+#ifdef CALDPO_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Rendezvous at host:port (rank 0 hosts the store) and create the backend: NCCL on
+// cuda:`device_index` when `device_index` >= 0, else Gloo. Returns null on failure.
+caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int rank, int world,
+                         int64_t timeout_ms, int device_index, char* err, size_t err_len) {
+  auto pg = std::make_unique<caldpo_pg>();
+  int status = guarded(err, err_len, [&]() {
+    pg->rank = rank;
+    pg->world = world;
+    pg->timeout = Millis(timeout_ms);
+    pg->host = host;
+    pg->port = port;
+    pg->store = connect_store(pg->host, port, rank == 0, world, pg->timeout);
+    pg->probe = connect_store(pg->host, port, false, 0, pg->timeout);
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("caldpo/pg", pg->store);
+    if (device_index >= 0) {
+#ifdef CALDPO_NCCL
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(device_index));
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = pg->timeout;
+      pg->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, world, options);
+      pg->device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index));
+#else
+      throw std::runtime_error(
+          "this caldpo was built without NCCL; build it against the cu130 libtorch variant");
+#endif
+    } else {
+      auto options = c10d::ProcessGroupGloo::Options::create(pg->timeout);
+      const char* interface = std::getenv("GLOO_SOCKET_IFNAME");
+      if (interface != nullptr && *interface != '\0') {
+        options->devices.push_back(
+            c10d::ProcessGroupGloo::createDeviceForInterface(std::string(interface)));
+      } else {
+        options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      }
+      pg->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world, options);
+    }
+    pg->start_heartbeat();
+  });
+  return status == 0 ? pg.release() : nullptr;
+}
+
+// Orderly shutdown: stops the heartbeat and destroys the backend and the stores.
+void caldpo_pg_free(caldpo_pg* pg) { delete pg; }
+
+int caldpo_pg_all_reduce(caldpo_pg* pg, at::Tensor** tensors, size_t count, int average,
+                         int64_t bucket_bytes, char* err, size_t err_len) {
+  return guarded(err, err_len,
+                 [&]() { bucketed(pg, tensors, count, average ? 1 : 0, 0, bucket_bytes); });
+}
+
+int caldpo_pg_broadcast(caldpo_pg* pg, at::Tensor** tensors, size_t count, int root,
+                        int64_t bucket_bytes, char* err, size_t err_len) {
+  return guarded(err, err_len, [&]() { bucketed(pg, tensors, count, 2, root, bucket_bytes); });
+}
+
+// Gathers `input` from every rank into `output`, shaped [world, *input.shape].
+int caldpo_pg_all_gather(caldpo_pg* pg, at::Tensor* input, at::Tensor* output, char* err,
+                         size_t err_len) {
+  return guarded(err, err_len, [&]() {
+    std::vector<at::Tensor> inputs{input->to(pg->device).contiguous()};
+    std::vector<std::vector<at::Tensor>> outputs(1);
+    for (int r = 0; r < pg->world; ++r) outputs[0].push_back(at::empty_like(inputs[0]));
+    c10d::AllgatherOptions options;
+    options.timeout = pg->timeout;
+    pg->wait(pg->backend->allgather(outputs, inputs, options));
+    output->copy_(at::stack(outputs[0]));
+  });
+}
+
+int caldpo_pg_barrier(caldpo_pg* pg, char* err, size_t err_len) {
+  return guarded(err, err_len, [&]() {
+    // A one-element all-reduce rather than the backend's barrier: the same code path, with
+    // the same timeout and failure reporting, for both backends.
+    at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(pg->device));
+    std::vector<at::Tensor> buffers{token};
+    c10d::AllreduceOptions options;
+    options.timeout = pg->timeout;
+    pg->wait(pg->backend->allreduce(buffers, options));
+    // Waiting for the copy to the host makes the barrier block the host on NCCL too.
+    token.cpu();
+  });
+}
+
+// Stores `value` under `key` in the rendezvous store.
+int caldpo_pg_store_set(caldpo_pg* pg, const char* key, int64_t value, char* err,
+                        size_t err_len) {
+  return guarded(err, err_len, [&]() {
+    std::string text = std::to_string(value);
+    pg->probe->set(key, std::vector<uint8_t>(text.begin(), text.end()));
+  });
+}
+
+// Reads `key`: 1 and *value when present, 0 when absent, -1 when the store is unreachable.
+int caldpo_pg_store_get(caldpo_pg* pg, const char* key, int64_t* value, char* err,
+                        size_t err_len) {
+  int present = 0;
+  int status = guarded(err, err_len, [&]() {
+    if (!pg->probe->check({key})) return;
+    std::vector<uint8_t> bytes = pg->probe->get(key);
+    *value = std::stoll(std::string(bytes.begin(), bytes.end()));
+    present = 1;
+  });
+  return status == 0 ? present : -1;
+}
+
+}  // extern "C"

@@ -1,0 +1,242 @@
+//! Safe wrapper over the c10d shim (csrc/c10d_shim.cpp): a libtorch process group and its
+//! collectives. Every call blocks until the collective is done, fails, or times out.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use tch::Tensor;
+
+#[repr(C)]
+struct RawGroup {
+    _private: [u8; 0],
+}
+
+type RawTensor = *mut torch_sys::C_tensor;
+
+extern "C" {
+    fn caldpo_pg_has_nccl() -> c_int;
+    fn caldpo_pg_new(
+        host: *const c_char,
+        port: u16,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        device_index: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut RawGroup;
+    fn caldpo_pg_free(group: *mut RawGroup);
+    fn caldpo_pg_all_reduce(
+        group: *mut RawGroup,
+        tensors: *const RawTensor,
+        count: usize,
+        average: c_int,
+        bucket_bytes: i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn caldpo_pg_broadcast(
+        group: *mut RawGroup,
+        tensors: *const RawTensor,
+        count: usize,
+        root: c_int,
+        bucket_bytes: i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn caldpo_pg_all_gather(
+        group: *mut RawGroup,
+        input: RawTensor,
+        output: RawTensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn caldpo_pg_barrier(group: *mut RawGroup, err: *mut c_char, err_len: usize) -> c_int;
+    fn caldpo_pg_store_set(
+        group: *mut RawGroup,
+        key: *const c_char,
+        value: i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn caldpo_pg_store_get(
+        group: *mut RawGroup,
+        key: *const c_char,
+        value: *mut i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// Whether this build can create NCCL process groups (it was built against CUDA libtorch).
+pub fn has_nccl() -> bool {
+    // SAFETY: a constant query without arguments.
+    unsafe { caldpo_pg_has_nccl() != 0 }
+}
+
+/// Where and how the ranks meet.
+pub struct GroupOptions<'a> {
+    pub master_addr: &'a str,
+    pub master_port: u16,
+    pub rank: usize,
+    pub world_size: usize,
+    pub timeout: Duration,
+    /// NCCL on this CUDA device, or Gloo (CPU buffers) when `None`.
+    pub nccl_device: Option<usize>,
+}
+
+/// A c10d process group with its rendezvous store; dropped in order (heartbeat, backend,
+/// store) when the run ends.
+pub struct ProcessGroup {
+    raw: *mut RawGroup,
+    bucket_bytes: i64,
+}
+
+/// Room for the shim's error text.
+const ERROR_CAPACITY: usize = 2048;
+
+fn error_buffer() -> Vec<c_char> {
+    vec![0; ERROR_CAPACITY]
+}
+
+fn error_text(buffer: &[c_char]) -> String {
+    // SAFETY: the buffer is zero-initialised and the shim always NUL-terminates within it.
+    unsafe { CStr::from_ptr(buffer.as_ptr()) }.to_string_lossy().trim().to_string()
+}
+
+impl ProcessGroup {
+    /// Joins the rendezvous (rank 0 hosts the store and waits for the others) and creates
+    /// the backend.
+    pub fn new(options: &GroupOptions, bucket_bytes: i64) -> Result<ProcessGroup> {
+        let host = CString::new(options.master_addr)?;
+        let mut err = error_buffer();
+        let device = options.nccl_device.map_or(-1, |index| index as c_int);
+        // SAFETY: valid C strings and an error buffer of the stated length; the shim catches
+        // every C++ exception.
+        let raw = unsafe {
+            caldpo_pg_new(
+                host.as_ptr(),
+                options.master_port,
+                options.rank as c_int,
+                options.world_size as c_int,
+                options.timeout.as_millis() as i64,
+                device,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if raw.is_null() {
+            bail!("{}", error_text(&err));
+        }
+        Ok(ProcessGroup { raw, bucket_bytes })
+    }
+
+    fn check(&self, status: c_int, err: &[c_char]) -> Result<()> {
+        if status != 0 {
+            bail!("{}", error_text(err));
+        }
+        Ok(())
+    }
+
+    /// Sums (or averages) the tensors across ranks in place, in buckets of at most the
+    /// group's bucket size.
+    pub fn all_reduce(&self, tensors: &[&Tensor], average: bool) -> Result<()> {
+        let raw: Vec<RawTensor> = tensors.iter().map(|t| t.as_ptr() as RawTensor).collect();
+        let mut err = error_buffer();
+        // SAFETY: the pointers are live tch tensors borrowed for the call.
+        let status = unsafe {
+            caldpo_pg_all_reduce(
+                self.raw,
+                raw.as_ptr(),
+                raw.len(),
+                c_int::from(average),
+                self.bucket_bytes,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        self.check(status, &err)
+    }
+
+    /// Overwrites the tensors with rank `root`'s values.
+    pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
+        let raw: Vec<RawTensor> = tensors.iter().map(|t| t.as_ptr() as RawTensor).collect();
+        let mut err = error_buffer();
+        // SAFETY: as in all_reduce.
+        let status = unsafe {
+            caldpo_pg_broadcast(
+                self.raw,
+                raw.as_ptr(),
+                raw.len(),
+                root as c_int,
+                self.bucket_bytes,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        self.check(status, &err)
+    }
+
+    /// Every rank's `input` (same shape on all), stacked as [world, *shape].
+    pub fn all_gather(&self, input: &Tensor, world_size: usize) -> Result<Tensor> {
+        let mut shape = vec![world_size as i64];
+        shape.extend(input.size());
+        let output = Tensor::empty(shape.as_slice(), (input.kind(), input.device()));
+        let mut err = error_buffer();
+        // SAFETY: as in all_reduce; `output` has the shape the shim copies into.
+        let status = unsafe {
+            caldpo_pg_all_gather(
+                self.raw,
+                input.as_ptr() as RawTensor,
+                output.as_ptr() as RawTensor,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        self.check(status, &err)?;
+        Ok(output)
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        let mut err = error_buffer();
+        // SAFETY: a live group and an error buffer of the stated length.
+        let status = unsafe { caldpo_pg_barrier(self.raw, err.as_mut_ptr(), err.len()) };
+        self.check(status, &err)
+    }
+
+    /// Writes an integer into the rendezvous store.
+    pub fn store_set(&self, key: &str, value: i64) -> Result<()> {
+        let key = CString::new(key)?;
+        let mut err = error_buffer();
+        // SAFETY: as in barrier, with a valid C string.
+        let status = unsafe {
+            caldpo_pg_store_set(self.raw, key.as_ptr(), value, err.as_mut_ptr(), err.len())
+        };
+        self.check(status, &err)
+    }
+
+    /// Reads an integer from the rendezvous store: `Ok(None)` when the key is absent, an
+    /// error when the store (hosted by rank 0) cannot be reached.
+    pub fn store_get(&self, key: &str) -> Result<Option<i64>> {
+        let key = CString::new(key)?;
+        let mut value = 0;
+        let mut err = error_buffer();
+        // SAFETY: as in store_set; `value` outlives the call.
+        let status = unsafe {
+            caldpo_pg_store_get(self.raw, key.as_ptr(), &mut value, err.as_mut_ptr(), err.len())
+        };
+        match status {
+            1 => Ok(Some(value)),
+            0 => Ok(None),
+            _ => bail!("{}", error_text(&err)),
+        }
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from caldpo_pg_new and is freed exactly once.
+        unsafe { caldpo_pg_free(self.raw) };
+    }
+}
