@@ -50,6 +50,7 @@ fn main() {
     build.compile("caldpo_c10d");
     if nccl.is_some() {
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");

@@ -48,8 +48,10 @@ impl Variant {
     }
 }
 
-/// Returns a `LIBTORCH` directory holding libtorch 2.11.0, installing it when needed.
+/// Returns a `LIBTORCH` directory holding libtorch 2.11.0, installing it when needed, with
+/// gloo's headers for the trainer's c10d shim.
 pub fn ensure(variant: Variant, dir: Option<&Path>) -> Result<PathBuf> {
+    crate::gloo::ensure()?;
     if let Some(existing) = std::env::var_os("LIBTORCH").filter(|value| !value.is_empty()) {
         let existing = PathBuf::from(existing);
         check_version(&existing)

@@ -2,10 +2,11 @@
 //!
 //! Every cargo command started from here runs with `LIBTORCH` pointing at a checked
 //! libtorch 2.11.0, so a fresh machine needs nothing but the Rust toolchain, Python 3 with
-//! pip, and apt.
+//! pip, and apt (for gloo's headers).
 
 mod assets;
 mod demo;
+mod gloo;
 mod libtorch;
 
 use std::path::{Path, PathBuf};
@@ -26,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Make libtorch 2.11.0 available (respects an existing LIBTORCH after a version check).
+    /// Make libtorch 2.11.0 available (respects an existing LIBTORCH after a version check),
+    /// with gloo's headers for the c10d shim.
     Libtorch {
         /// cpu: the torch wheel without dependencies plus the CUDA runtime and CUPTI it links;
         /// cu130: the wheel's full CUDA 13.0 dependency set.

@@ -68,8 +68,6 @@ c10::intrusive_ptr<c10d::TCPStore> connect_store(const std::string& host, uint16
   return c10::make_intrusive<c10d::TCPStore>(host, options);
 }
 
-std::string heartbeat_key(int rank) { return "caldpo/heartbeat/" + std::to_string(rank); }
-
 }  // namespace
 
 struct caldpo_pg {
@@ -78,6 +76,8 @@ struct caldpo_pg {
   Millis timeout{0};
   std::string host;
   uint16_t port = 0;
+  // Prefix of every key this group writes, so that a restarted job ignores stale keys.
+  std::string prefix;
   c10::intrusive_ptr<c10d::TCPStore> store;
   // A second connection for reads and marks from the trainer's thread, and a third owned by
   // the heartbeat thread: TCPStore clients are not meant to be shared across threads.
@@ -109,7 +109,8 @@ struct caldpo_pg {
         try {
           ++beat;
           std::string value = std::to_string(beat);
-          client->set(heartbeat_key(rank), std::vector<uint8_t>(value.begin(), value.end()));
+          client->set(prefix + "/heartbeat/" + std::to_string(rank),
+                      std::vector<uint8_t>(value.begin(), value.end()));
         } catch (...) {
           // The store lives in rank 0; once it is gone there is nobody to tell.
           return;
@@ -189,10 +190,13 @@ int caldpo_pg_has_nccl() {
 #endif
 }
 
-// Rendezvous at host:port (rank 0 hosts the store) and create the backend: NCCL on
-// cuda:`device_index` when `device_index` >= 0, else Gloo. Returns null on failure.
-caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int rank, int world,
-                         int64_t timeout_ms, int device_index, char* err, size_t err_len) {
+// Rendezvous at host:port and create the backend: NCCL on cuda:`device_index` when
+// `device_index` >= 0, else Gloo. `serve`: this rank hosts the store (rank 0, unless a
+// launcher such as torchrun already serves it). Keys are written under `prefix`. Returns
+// null on failure.
+caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int serve, const char* prefix,
+                         int rank, int world, int64_t timeout_ms, int device_index, char* err,
+                         size_t err_len) {
   auto pg = std::make_unique<caldpo_pg>();
   int status = guarded(err, err_len, [&]() {
     pg->rank = rank;
@@ -200,9 +204,10 @@ caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int rank, int world,
     pg->timeout = Millis(timeout_ms);
     pg->host = host;
     pg->port = port;
-    pg->store = connect_store(pg->host, port, rank == 0, world, pg->timeout);
+    pg->prefix = prefix;
+    pg->store = connect_store(pg->host, port, serve != 0, world, pg->timeout);
     pg->probe = connect_store(pg->host, port, false, 0, pg->timeout);
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("caldpo/pg", pg->store);
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(pg->prefix + "/pg", pg->store);
     if (device_index >= 0) {
 #ifdef CALDPO_NCCL
       c10::cuda::set_device(static_cast<c10::DeviceIndex>(device_index));

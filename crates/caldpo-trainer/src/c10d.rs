@@ -19,6 +19,8 @@ extern "C" {
     fn caldpo_pg_new(
         host: *const c_char,
         port: u16,
+        serve: c_int,
+        prefix: *const c_char,
         rank: c_int,
         world: c_int,
         timeout_ms: i64,
@@ -79,6 +81,10 @@ pub fn has_nccl() -> bool {
 pub struct GroupOptions<'a> {
     pub master_addr: &'a str,
     pub master_port: u16,
+    /// Whether this rank hosts the rendezvous store.
+    pub serve_store: bool,
+    /// Prefix of every key the group writes in the store.
+    pub key_prefix: &'a str,
     pub rank: usize,
     pub world_size: usize,
     pub timeout: Duration,
@@ -110,6 +116,7 @@ impl ProcessGroup {
     /// the backend.
     pub fn new(options: &GroupOptions, bucket_bytes: i64) -> Result<ProcessGroup> {
         let host = CString::new(options.master_addr)?;
+        let prefix = CString::new(options.key_prefix)?;
         let mut err = error_buffer();
         let device = options.nccl_device.map_or(-1, |index| index as c_int);
         // SAFETY: valid C strings and an error buffer of the stated length; the shim catches
@@ -118,6 +125,8 @@ impl ProcessGroup {
             caldpo_pg_new(
                 host.as_ptr(),
                 options.master_port,
+                c_int::from(options.serve_store),
+                prefix.as_ptr(),
                 options.rank as c_int,
                 options.world_size as c_int,
                 options.timeout.as_millis() as i64,

@@ -55,6 +55,8 @@ struct Group {
     backend: &'static str,
     /// MASTER_ADDR:MASTER_PORT, for messages.
     endpoint: String,
+    /// Prefix of this job's keys in the store.
+    prefix: String,
     /// Collectives this rank has entered.
     entered: Cell<i64>,
 }
@@ -112,9 +114,16 @@ impl Comm {
                 "reducing CUDA tensors through Gloo: every collective copies to the CPU"
             );
         }
+        // torchrun serves the store itself (TORCHELASTIC_USE_AGENT_STORE) and counts its
+        // restarts; keys carry the count so a restarted job never reads a stale heartbeat.
+        let agent_store = std::env::var("TORCHELASTIC_USE_AGENT_STORE").is_ok_and(|v| v == "True");
+        let restart = std::env::var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|_| "0".into());
+        let prefix = format!("caldpo/{}", restart.trim());
         let options = GroupOptions {
             master_addr: &addr,
             master_port: port,
+            serve_store: info.rank == 0 && !agent_store,
+            key_prefix: &prefix,
             rank: info.rank,
             world_size: info.world_size,
             timeout: Duration::from_secs(settings.timeout_s),
@@ -129,7 +138,7 @@ impl Comm {
             )
         })?;
         let backend = if nccl_device.is_some() { "nccl" } else { "gloo" };
-        let group = Group { group, backend, endpoint, entered: Cell::new(0) };
+        let group = Group { group, backend, endpoint, prefix, entered: Cell::new(0) };
         Ok(Comm { info, group: Some(group), device })
     }
 
@@ -158,7 +167,9 @@ impl Comm {
         let entered = group.entered.get() + 1;
         group.entered.set(entered);
         let rank = self.info.rank;
-        if let Err(err) = group.group.store_set(&format!("caldpo/entered/{rank}"), entered) {
+        if let Err(err) =
+            group.group.store_set(&format!("{}/entered/{rank}", group.prefix), entered)
+        {
             bail!("{what} on rank {rank}: {}\n(c10d: {err})", store_lost(group));
         }
         run(&group.group).map_err(|err| {
@@ -178,7 +189,8 @@ impl Comm {
             others
                 .iter()
                 .map(|rank| {
-                    Ok(group.group.store_get(&format!("caldpo/{what}/{rank}"))?.unwrap_or(0))
+                    let key = format!("{}/{what}/{rank}", group.prefix);
+                    Ok(group.group.store_get(&key)?.unwrap_or(0))
                 })
                 .collect()
         };
@@ -282,8 +294,8 @@ impl Comm {
 
 fn store_lost(group: &Group) -> String {
     format!(
-        "rank 0, which hosts the rendezvous store at {}, is gone (its process died or its host \
-         is unreachable)",
+        "the rendezvous store at {} is unreachable: rank 0 (or the launcher that serves it) \
+         died, or its host is down",
         group.endpoint
     )
 }

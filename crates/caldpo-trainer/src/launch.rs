@@ -29,10 +29,15 @@ pub fn local(nproc: usize) -> Result<()> {
     let port = free_port()?;
     let exe = std::env::current_exe().context("cannot find the caldpo executable")?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    // N ranks each starting one OpenMP thread per core would oversubscribe the CPU many
+    // times over; like torchrun, share the cores unless the user chose.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get() / nproc).max(1);
+    let threads = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| threads.to_string());
     let mut ranks: Vec<Option<Child>> = Vec::with_capacity(nproc);
     for rank in 0..nproc {
         let child = Command::new(&exe)
             .args(&args)
+            .env("OMP_NUM_THREADS", &threads)
             .env(LAUNCHED_VAR, "1")
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
