@@ -55,18 +55,20 @@ int guarded(char* err, size_t len, F&& body) {
   return -1;
 }
 
-// The rendezvous connection of a rank (`world` > 0: rank 0 serves, and every rank waits
-// until all `world` have joined), or an extra client of an existing store (`world` == 0).
+// A connection to the rendezvous store at host:port, serving it when `server`.
 c10::intrusive_ptr<c10d::TCPStore> connect_store(const std::string& host, uint16_t port,
-                                                 bool server, int world, Millis timeout) {
+                                                 bool server, Millis timeout) {
   c10d::TCPStoreOptions options;
   options.port = port;
   options.isServer = server;
-  options.waitWorkers = world > 0;
-  if (world > 0) options.numWorkers = static_cast<size_t>(world);
+  // Ranks join through keys of their own (see join), which can say who is missing.
+  options.waitWorkers = false;
   options.timeout = timeout;
   return c10::make_intrusive<c10d::TCPStore>(host, options);
 }
+
+// The collective `bucketed` runs.
+enum class Op { Sum, Average, Broadcast };
 
 }  // namespace
 
@@ -100,7 +102,7 @@ struct caldpo_pg {
   at::Device device{at::kCPU};
 
   void start_heartbeat() {
-    auto client = connect_store(host, port, false, 0, timeout);
+    auto client = connect_store(host, port, false, timeout);
     heartbeat = std::thread([this, client]() {
       int64_t beat = 0;
       std::unique_lock<std::mutex> lock(mutex);
@@ -112,13 +114,33 @@ struct caldpo_pg {
           client->set(prefix + "/heartbeat/" + std::to_string(rank),
                       std::vector<uint8_t>(value.begin(), value.end()));
         } catch (...) {
-          // The store lives in rank 0; once it is gone there is nobody to tell.
-          return;
+          // A store that is gone cannot be told; one that hiccuped is told next second.
         }
         lock.lock();
         wake.wait_for(lock, std::chrono::seconds(1), [this] { return stopping; });
       }
     });
+  }
+
+  // Marks this rank as joined, then waits until every rank has, naming the missing ones
+  // when the timeout passes.
+  void join() {
+    std::string mine = prefix + "/joined/" + std::to_string(rank);
+    probe->set(mine, std::vector<uint8_t>{'1'});
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (true) {
+      std::string missing;
+      for (int other = 0; other < world; ++other) {
+        if (!probe->check({prefix + "/joined/" + std::to_string(other)})) {
+          missing += (missing.empty() ? "" : ", ") + std::to_string(other);
+        }
+      }
+      if (missing.empty()) return;
+      if (std::chrono::steady_clock::now() > deadline) {
+        throw std::runtime_error("ranks that never joined: " + missing);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
   }
 
   ~caldpo_pg() {
@@ -134,8 +156,8 @@ struct caldpo_pg {
 
 // Tensors are reduced in buckets of at most `bucket_bytes` (one tensor larger than that is a
 // bucket of its own), each flattened into one contiguous buffer on the collective's device.
-// `op`: 0 all-reduce sum, 1 all-reduce average, 2 broadcast from `root`.
-static void bucketed(caldpo_pg* pg, at::Tensor** tensors, size_t count, int op, int root,
+// A broadcast comes from rank `root`.
+static void bucketed(caldpo_pg* pg, at::Tensor** tensors, size_t count, Op op, int root,
                      int64_t bucket_bytes) {
   size_t start = 0;
   while (start < count) {
@@ -156,7 +178,7 @@ static void bucketed(caldpo_pg* pg, at::Tensor** tensors, size_t count, int op, 
     for (size_t i = start; i < end; ++i) flat_parts.push_back(tensors[i]->reshape({-1}));
     at::Tensor flat = at::cat(flat_parts).to(pg->device).contiguous();
     std::vector<at::Tensor> buffers{flat};
-    if (op == 2) {
+    if (op == Op::Broadcast) {
       c10d::BroadcastOptions options;
       options.rootRank = root;
       options.timeout = pg->timeout;
@@ -167,7 +189,7 @@ static void bucketed(caldpo_pg* pg, at::Tensor** tensors, size_t count, int op, 
       options.timeout = pg->timeout;
       pg->wait(pg->backend->allreduce(buffers, options));
       // Gloo has no average; dividing the summed bucket is exact for a power-of-two world.
-      if (op == 1) flat.div_(pg->world);
+      if (op == Op::Average) flat.div_(pg->world);
     }
     int64_t offset = 0;
     for (size_t i = start; i < end; ++i) {
@@ -205,14 +227,18 @@ caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int serve, const char*
     pg->host = host;
     pg->port = port;
     pg->prefix = prefix;
-    pg->store = connect_store(pg->host, port, serve != 0, world, pg->timeout);
-    pg->probe = connect_store(pg->host, port, false, 0, pg->timeout);
+    pg->store = connect_store(pg->host, port, serve != 0, pg->timeout);
+    pg->probe = connect_store(pg->host, port, false, pg->timeout);
+    pg->start_heartbeat();
+    pg->join();
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>(pg->prefix + "/pg", pg->store);
     if (device_index >= 0) {
 #ifdef CALDPO_NCCL
       c10::cuda::set_device(static_cast<c10::DeviceIndex>(device_index));
       auto options = c10d::ProcessGroupNCCL::Options::create();
-      options->timeout = pg->timeout;
+      // NCCL's watchdog ends the process when its timeout passes; ours must fire first, so
+      // that the error names the missing rank.
+      options->timeout = pg->timeout + std::chrono::seconds(60);
       pg->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, world, options);
       pg->device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index));
 #else
@@ -230,23 +256,32 @@ caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int serve, const char*
       }
       pg->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world, options);
     }
-    pg->start_heartbeat();
   });
   return status == 0 ? pg.release() : nullptr;
 }
 
-// Orderly shutdown: stops the heartbeat and destroys the backend and the stores.
-void caldpo_pg_free(caldpo_pg* pg) { delete pg; }
+// Orderly shutdown after a successful run: shuts the backend down, stops the heartbeat and
+// closes the stores. After a failed collective the caller must not call this: tearing down a
+// backend with work in flight can block, and the process is about to exit anyway.
+void caldpo_pg_free(caldpo_pg* pg) {
+  try {
+    if (pg->backend) pg->backend->shutdown();
+  } catch (...) {
+    // Nothing to recover at the end of a run; the destructor below still runs.
+  }
+  delete pg;
+}
 
 int caldpo_pg_all_reduce(caldpo_pg* pg, at::Tensor** tensors, size_t count, int average,
                          int64_t bucket_bytes, char* err, size_t err_len) {
-  return guarded(err, err_len,
-                 [&]() { bucketed(pg, tensors, count, average ? 1 : 0, 0, bucket_bytes); });
+  Op op = average ? Op::Average : Op::Sum;
+  return guarded(err, err_len, [&]() { bucketed(pg, tensors, count, op, 0, bucket_bytes); });
 }
 
 int caldpo_pg_broadcast(caldpo_pg* pg, at::Tensor** tensors, size_t count, int root,
                         int64_t bucket_bytes, char* err, size_t err_len) {
-  return guarded(err, err_len, [&]() { bucketed(pg, tensors, count, 2, root, bucket_bytes); });
+  return guarded(err, err_len,
+                 [&]() { bucketed(pg, tensors, count, Op::Broadcast, root, bucket_bytes); });
 }
 
 // Gathers `input` from every rank into `output`, shaped [world, *input.shape].

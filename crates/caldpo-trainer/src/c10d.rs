@@ -1,10 +1,11 @@
 //! Safe wrapper over the c10d shim (csrc/c10d_shim.cpp): a libtorch process group and its
 //! collectives. Every call blocks until the collective is done, fails, or times out.
 
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::Tensor;
 
 #[repr(C)]
@@ -92,11 +93,14 @@ pub struct GroupOptions<'a> {
     pub nccl_device: Option<usize>,
 }
 
-/// A c10d process group with its rendezvous store; dropped in order (heartbeat, backend,
-/// store) when the run ends.
+/// A c10d process group with its rendezvous store, shut down in order (backend, heartbeat,
+/// store) when dropped after a successful run.
 pub struct ProcessGroup {
     raw: *mut RawGroup,
     bucket_bytes: i64,
+    /// Set when a call failed: the group is then left to the process's exit, since tearing
+    /// down a backend with work in flight can block.
+    broken: Cell<bool>,
 }
 
 /// Room for the shim's error text.
@@ -115,8 +119,8 @@ impl ProcessGroup {
     /// Joins the rendezvous (rank 0 hosts the store and waits for the others) and creates
     /// the backend.
     pub fn new(options: &GroupOptions, bucket_bytes: i64) -> Result<ProcessGroup> {
-        let host = CString::new(options.master_addr)?;
-        let prefix = CString::new(options.key_prefix)?;
+        let host = CString::new(options.master_addr).context("MASTER_ADDR holds a NUL byte")?;
+        let prefix = CString::new(options.key_prefix).context("store prefix holds a NUL byte")?;
         let mut err = error_buffer();
         let device = options.nccl_device.map_or(-1, |index| index as c_int);
         // SAFETY: valid C strings and an error buffer of the stated length; the shim catches
@@ -138,11 +142,12 @@ impl ProcessGroup {
         if raw.is_null() {
             bail!("{}", error_text(&err));
         }
-        Ok(ProcessGroup { raw, bucket_bytes })
+        Ok(ProcessGroup { raw, bucket_bytes, broken: Cell::new(false) })
     }
 
     fn check(&self, status: c_int, err: &[c_char]) -> Result<()> {
         if status != 0 {
+            self.broken.set(true);
             bail!("{}", error_text(err));
         }
         Ok(())
@@ -216,7 +221,7 @@ impl ProcessGroup {
 
     /// Writes an integer into the rendezvous store.
     pub fn store_set(&self, key: &str, value: i64) -> Result<()> {
-        let key = CString::new(key)?;
+        let key = CString::new(key).context("store key holds a NUL byte")?;
         let mut err = error_buffer();
         // SAFETY: as in barrier, with a valid C string.
         let status = unsafe {
@@ -228,7 +233,7 @@ impl ProcessGroup {
     /// Reads an integer from the rendezvous store: `Ok(None)` when the key is absent, an
     /// error when the store (hosted by rank 0) cannot be reached.
     pub fn store_get(&self, key: &str) -> Result<Option<i64>> {
-        let key = CString::new(key)?;
+        let key = CString::new(key).context("store key holds a NUL byte")?;
         let mut value = 0;
         let mut err = error_buffer();
         // SAFETY: as in store_set; `value` outlives the call.
@@ -238,13 +243,19 @@ impl ProcessGroup {
         match status {
             1 => Ok(Some(value)),
             0 => Ok(None),
-            _ => bail!("{}", error_text(&err)),
+            _ => {
+                self.broken.set(true);
+                bail!("{}", error_text(&err))
+            }
         }
     }
 }
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
+        if self.broken.get() {
+            return;
+        }
         // SAFETY: `raw` came from caldpo_pg_new and is freed exactly once.
         unsafe { caldpo_pg_free(self.raw) };
     }

@@ -28,6 +28,10 @@ pub struct TrainerState {
     pub window_sums: Vec<f64>,
     pub window_grad_norm: f64,
     pub window_steps: usize,
+    /// Pairs per optimiser step (all ranks) when the checkpoint was written: the data order
+    /// depends on it, so a resume must keep it. 0 in checkpoints that predate the field.
+    #[serde(default)]
+    pub effective_batch: usize,
 }
 
 const STATE_FILE: &str = "trainer_state.json";

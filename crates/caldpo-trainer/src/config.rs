@@ -218,7 +218,8 @@ pub struct DistributedSection {
     pub backend: Backend,
     /// Seconds a collective may wait for the other ranks before the job fails (default 600).
     pub timeout_s: u64,
-    /// Gradients are all-reduced in buckets of at most this many MiB (default 25).
+    /// Gradients (and the parameters broadcast at start) travel in buckets of at most this
+    /// many MiB (default 25).
     pub bucket_mb: u64,
 }
 
@@ -328,6 +329,10 @@ impl Config {
         }
         if self.log.every_steps == 0 {
             bail!("[log] every_steps must be at least 1");
+        }
+        // c10d reads a zero timeout as none at all, and a rank could then hang for ever.
+        if self.distributed.timeout_s == 0 || self.distributed.bucket_mb == 0 {
+            bail!("[distributed] timeout_s and bucket_mb must be at least 1");
         }
         Ok(())
     }

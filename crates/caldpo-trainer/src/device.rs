@@ -50,12 +50,17 @@ pub fn select(choice: DeviceChoice, local_rank: usize) -> Result<Device> {
         }
         DeviceChoice::Auto | DeviceChoice::Cuda => {
             let count = tch::Cuda::device_count() as usize;
+            // A scheduler that gives each rank its own GPU (SLURM's --gpus-per-task=1) shows
+            // it as the only device through CUDA_VISIBLE_DEVICES, whatever the local rank.
+            let own_gpu = std::env::var("CUDA_VISIBLE_DEVICES")
+                .is_ok_and(|list| !list.trim().is_empty() && !list.contains(','));
             match local_rank {
                 index if index < count => Ok(Device::Cuda(index)),
-                // A scheduler that gives each rank one GPU (SLURM's --gpus-per-task=1) shows
-                // it as the only device, whatever the local rank.
-                _ if count == 1 => Ok(Device::Cuda(0)),
-                _ => bail!("local rank {local_rank} has no GPU: this host shows {count}"),
+                _ if count == 1 && own_gpu => Ok(Device::Cuda(0)),
+                _ => bail!(
+                    "local rank {local_rank} has no GPU of its own: this host shows {count} \
+                     (run at most one rank per GPU)"
+                ),
             }
         }
     }

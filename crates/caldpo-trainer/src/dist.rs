@@ -116,7 +116,8 @@ impl Comm {
         }
         // torchrun serves the store itself (TORCHELASTIC_USE_AGENT_STORE) and counts its
         // restarts; keys carry the count so a restarted job never reads a stale heartbeat.
-        let agent_store = std::env::var("TORCHELASTIC_USE_AGENT_STORE").is_ok_and(|v| v == "True");
+        let agent_store =
+            std::env::var("TORCHELASTIC_USE_AGENT_STORE").is_ok_and(|value| value == "True");
         let restart = std::env::var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|_| "0".into());
         let prefix = format!("caldpo/{}", restart.trim());
         let options = GroupOptions {
@@ -208,9 +209,15 @@ impl Comm {
         }
         let behind: Vec<usize> = (0..others.len()).filter(|i| progress[*i] < entered).collect();
         if !behind.is_empty() {
+            // Rank 0 alone writes checkpoints and samples while the others wait.
+            let hint = if behind.iter().any(|i| others[*i] == 0) {
+                "; if rank 0 was writing a checkpoint, raise [distributed] timeout_s"
+            } else {
+                ""
+            };
             return format!(
                 "{} alive but did not reach this collective within [distributed] timeout_s: it \
-                 hangs, or works far slower than this rank",
+                 hangs, or works far slower than this rank{hint}",
                 name_ranks(behind.iter().map(|i| others[*i]))
             );
         }
@@ -231,11 +238,15 @@ impl Comm {
         Ok(f64::try_from(&count)? > 0.0)
     }
 
-    /// Whether a device scalar is finite on every rank (a host sync).
-    pub fn all_finite(&self, value: &Tensor) -> Result<bool> {
-        let bad = value.isfinite().logical_not().to_kind(Kind::Float);
-        self.collective("agreeing the step is finite", |group| group.all_reduce(&[&bad], false))?;
-        Ok(f64::try_from(&bad)? == 0.0)
+    /// Whether a device scalar is finite on every rank, and whether any rank was asked to
+    /// stop: both in one reduction and one host sync.
+    pub fn agree_on_step(&self, value: &Tensor, stop: bool) -> Result<(bool, bool)> {
+        let bad = value.isfinite().logical_not().to_kind(Kind::Float).reshape([1]);
+        let stop = Tensor::from_slice(&[f32::from(u8::from(stop))]).to_device(value.device());
+        let flags = Tensor::cat(&[bad, stop], 0);
+        self.collective("agreeing on the step", |group| group.all_reduce(&[&flags], false))?;
+        let flags = Vec::<f32>::try_from(flags.to_device(Device::Cpu))?;
+        Ok((flags[0] == 0.0, flags[1] > 0.0))
     }
 
     /// Sums every parameter's gradient across ranks. A parameter without a gradient (on a

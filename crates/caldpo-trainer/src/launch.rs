@@ -87,6 +87,7 @@ pub fn local(nproc: usize) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     match failure {
+        Some(_) if forwarded => bail!("interrupted; the ranks stopped after their checkpoint"),
         Some((rank, how, _)) => bail!("rank {rank} of {nproc} {how}; the job failed"),
         None => Ok(()),
     }

@@ -39,9 +39,10 @@ pub fn run(args: TrainArgs, info: WorldInfo) -> Result<PathBuf> {
     let device = crate::device::select(config.model.device, info.local_rank)?;
     let comm = Comm::connect(info, &config.distributed, device)?;
     let run_dir = config.train.output_dir.clone();
-    let prepared = match comm.is_main() {
-        true => prepare_run_dir(&run_dir, resume_from.is_some(), args.overwrite),
-        false => Ok(()),
+    let prepared = if comm.is_main() {
+        prepare_run_dir(&run_dir, resume_from.is_some(), args.overwrite)
+    } else {
+        Ok(())
     };
     // Every rank learns whether rank 0 could prepare the directory, and stops with it.
     if comm.any(prepared.is_err())? {
@@ -134,6 +135,41 @@ impl<'a> Trainer<'a> {
         plan.devices = rank_devices(comm, device)?;
         let config_toml = config.to_toml()?;
         let run_dir = &config.train.output_dir;
+        let mut optimizer = Optimizer::new(&config.optim, policy.named_parameters());
+        let mut state = TrainerState {
+            seed: config.train.seed,
+            effective_batch: plan.effective_batch,
+            ..TrainerState::default()
+        };
+        let mut tracker = RewardTracker::new(&loss, device);
+        let mut window_grad_norm = Tensor::zeros([], (tch::Kind::Double, device));
+        if let Some(dir) = resume {
+            let (saved, optimizer_state) = checkpoint::load(dir)?;
+            if saved.effective_batch != 0 && saved.effective_batch != plan.effective_batch {
+                bail!(
+                    "{} was written with {} pairs per step, this run has {} (batch_size x \
+                     grad_accum x world size): the data order would differ; keep the product \
+                     the same when resuming, e.g. double grad_accum when halving the ranks",
+                    dir.display(),
+                    saved.effective_batch,
+                    plan.effective_batch
+                );
+            }
+            optimizer.load_state(&optimizer_state, saved.step as i64)?;
+            // The saved window holds the sums of all ranks; rank 0 alone carries them on.
+            if !saved.window_sums.is_empty() && comm.is_main() {
+                let sums = Tensor::from_slice(&saved.window_sums).to_device(device);
+                tch::no_grad(|| tracker.sums_mut().copy_(&sums));
+            }
+            let _ = window_grad_norm.fill_(saved.window_grad_norm);
+            tracing::info!("resuming {} at step {}", dir.display(), saved.step);
+            if comm.is_main() {
+                metrics::truncate_after(run_dir, saved.step)?;
+            }
+            state = TrainerState { effective_batch: plan.effective_batch, ..saved };
+        }
+
+        // Written only now, so that a refused resume leaves the run's files as they were.
         if comm.is_main() {
             tracing::info!(
                 "world size {}, backend {}, devices {}, effective batch {} ({} per micro-batch x \
@@ -149,26 +185,6 @@ impl<'a> Trainer<'a> {
             tracing::info!("plan: {}", serde_json::to_string(&plan)?);
             std::fs::write(run_dir.join("config.toml"), &config_toml)?;
             std::fs::write(run_dir.join("plan.json"), serde_json::to_string_pretty(&plan)?)?;
-        }
-
-        let mut optimizer = Optimizer::new(&config.optim, policy.named_parameters());
-        let mut state = TrainerState { seed: config.train.seed, ..TrainerState::default() };
-        let mut tracker = RewardTracker::new(&loss, device);
-        let mut window_grad_norm = Tensor::zeros([], (tch::Kind::Double, device));
-        if let Some(dir) = resume {
-            let (saved, optimizer_state) = checkpoint::load(dir)?;
-            optimizer.load_state(&optimizer_state, saved.step as i64)?;
-            // The saved window holds the sums of all ranks; rank 0 alone carries them on.
-            if !saved.window_sums.is_empty() && comm.is_main() {
-                let sums = Tensor::from_slice(&saved.window_sums).to_device(device);
-                tch::no_grad(|| tracker.sums_mut().copy_(&sums));
-            }
-            let _ = window_grad_norm.fill_(saved.window_grad_norm);
-            tracing::info!("resuming {} at step {}", dir.display(), saved.step);
-            if comm.is_main() {
-                metrics::truncate_after(run_dir, saved.step)?;
-            }
-            state = saved;
         }
 
         let lengths = train.iter().map(PairExample::len).collect();
@@ -221,7 +237,7 @@ impl<'a> Trainer<'a> {
                 continue;
             }
             let group = groups[self.state.step_in_epoch].clone();
-            let (pairs, tokens) = self.step(&group)?;
+            let (pairs, tokens, signalled) = self.step(&group)?;
             self.state.step += 1;
             self.state.step_in_epoch += 1;
             self.state.window_steps += 1;
@@ -242,7 +258,6 @@ impl<'a> Trainer<'a> {
             if (every > 0 && step % every == 0) || (last && self.config.eval.at_end) {
                 self.evaluate(step)?;
             }
-            let signalled = self.comm.any(self.stop.load(Ordering::Relaxed))?;
             let pause = !last && stop_after.is_some_and(|limit| step - first_step >= limit);
             let every = self.config.checkpoint.every_steps;
             if (every > 0 && step % every == 0) || last || signalled || pause {
@@ -268,9 +283,9 @@ impl<'a> Trainer<'a> {
         self.save_final()
     }
 
-    /// One optimiser step over a group of pair indices; returns (pairs, tokens) this rank
-    /// processed.
-    fn step(&mut self, group: &[usize]) -> Result<(usize, usize)> {
+    /// One optimiser step over a group of pair indices; returns the pairs and tokens this
+    /// rank processed, and whether any rank was asked to stop.
+    fn step(&mut self, group: &[usize]) -> Result<(usize, usize, bool)> {
         let lr = self.lr_at(self.state.step);
         let record = self.forward_backward(group)?;
         self.comm.all_reduce_gradients(self.optimizer.parameters())?;
@@ -284,8 +299,10 @@ impl<'a> Trainer<'a> {
                 acc + output.losses.sum(tch::Kind::Float)
             });
         // The one deliberate host sync of every step: an update from a non-finite gradient
-        // would destroy the weights, so it must be known before the optimiser runs.
-        let finite = self.comm.all_finite(&(loss_sum + &grad_norm))?;
+        // would destroy the weights, so it must be known before the optimiser runs. The same
+        // reduction tells every rank whether any was signalled to stop.
+        let signalled = self.stop.load(Ordering::Relaxed);
+        let (finite, signalled) = self.comm.agree_on_step(&(loss_sum + &grad_norm), signalled)?;
         if !finite {
             self.optimizer.zero_grad();
             if !self.config.train.skip_nonfinite_steps {
@@ -293,7 +310,7 @@ impl<'a> Trainer<'a> {
             }
             self.state.skipped_steps += 1;
             tracing::warn!("{}; step skipped", diagnose(self.state.step + 1, &record));
-            return Ok((record.pairs, record.tokens));
+            return Ok((record.pairs, record.tokens, signalled));
         }
         self.optimizer.step(lr);
         self.optimizer.zero_grad();
@@ -301,7 +318,7 @@ impl<'a> Trainer<'a> {
             self.tracker.update(output, policy);
         }
         self.window_grad_norm += grad_norm.to_kind(tch::Kind::Double);
-        Ok((record.pairs, record.tokens))
+        Ok((record.pairs, record.tokens, signalled))
     }
 
     /// Forward and backward over this rank's micro-batches of the step. Each micro-batch's
