@@ -121,11 +121,17 @@ fn free_port() -> u16 {
 
 /// Starts rank `rank` of two with torchrun's environment, training without end.
 fn start_rank(fixture: &Fixture, rank: usize, port: u16) -> Child {
+    start_rank_with(fixture, rank, port, &[])
+}
+
+/// `start_rank` with extra arguments.
+fn start_rank_with(fixture: &Fixture, rank: usize, port: u16, args: &[&str]) -> Child {
     let run = fixture.path("endless");
     Command::new(env!("CARGO_BIN_EXE_caldpo"))
         .args(["train", fixture.config.to_str().unwrap()])
         .args(["--set", &format!("train.output_dir={}", run.display())])
         .args(["--set", "train.max_steps=100000", "--set", "train.epochs=100000"])
+        .args(args)
         .env("CALDPO_CACHE", fixture.path("cache"))
         .env("CALDPO_LOG", "warn")
         .env("RANK", rank.to_string())
@@ -197,6 +203,68 @@ fn a_frozen_rank_fails_the_job_with_its_name_after_the_timeout() {
     assert!(!success, "{stderr}");
     assert!(stderr.contains("rank 1 is not responding"), "{stderr}");
     assert!(elapsed < Duration::from_secs(4 + 10), "took {elapsed:?}");
+}
+
+#[test]
+fn a_live_rank_that_never_reaches_a_collective_is_named_after_the_timeout() {
+    // Rank 1 reads its pairs from a pipe nobody writes: it joins the rendezvous, its heartbeat
+    // keeps ticking, and it never reaches the broadcast of the parameters.
+    let fixture = Fixture::new("[distributed]\ntimeout_s = 4\n");
+    let pipe = fixture.path("stuck.jsonl");
+    let path = std::ffi::CString::new(pipe.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C path; the FIFO lives in the test's temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let port = free_port();
+    let rank0 = start_rank(&fixture, 0, port);
+    let stuck = format!("data.train={}", pipe.display());
+    let mut rank1 = start_rank_with(&fixture, 1, port, &["--set", &stuck]);
+    let started = Instant::now();
+    let output = rank0.wait_with_output().unwrap();
+    let elapsed = started.elapsed();
+    rank1.kill().unwrap();
+    rank1.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("broadcast of the parameters failed on rank 0"), "{stderr}");
+    assert!(stderr.contains("rank 1 is alive but did not reach this collective"), "{stderr}");
+    assert!(elapsed < Duration::from_secs(4 + 15), "took {elapsed:?}");
+}
+
+#[test]
+fn a_signal_to_the_local_launcher_stops_every_rank_with_a_checkpoint() {
+    let fixture = Fixture::new(QUICK_FAILURE);
+    let run = fixture.path("interrupted");
+    let launcher = Command::new(env!("CARGO_BIN_EXE_caldpo"))
+        .args(["train", fixture.config.to_str().unwrap(), "--nproc", "2"])
+        .args(["--set", &format!("train.output_dir={}", run.display())])
+        .args(["--set", "train.max_steps=100000", "--set", "train.epochs=100000"])
+        .env("CALDPO_CACHE", fixture.path("cache"))
+        .env("CALDPO_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_first_step(&run);
+    // SAFETY: signalling our own child, the launcher alone (not its process group).
+    unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
+    let output = launcher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("error: interrupted; the ranks stopped after their checkpoint"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("interrupted at step"), "{stderr}");
+    assert_checkpoints_complete(&run);
+    let complete = std::fs::read_dir(&run)
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| {
+            let name = entry.file_name().to_string_lossy().to_string();
+            name.starts_with("checkpoint-") && !name.ends_with(".partial")
+        })
+        .count();
+    assert_eq!(complete, 1);
 }
 
 /// The pid of the child of `parent` whose environment says RANK=`rank`.
