@@ -126,7 +126,19 @@ fn start_rank(fixture: &Fixture, rank: usize, port: u16) -> Child {
 
 /// `start_rank` with extra arguments.
 fn start_rank_with(fixture: &Fixture, rank: usize, port: u16, args: &[&str]) -> Child {
-    let run = fixture.path("endless");
+    let env = [
+        ("RANK", rank.to_string()),
+        ("LOCAL_RANK", rank.to_string()),
+        ("WORLD_SIZE", "2".to_string()),
+        ("MASTER_ADDR", "127.0.0.1".to_string()),
+        ("MASTER_PORT", port.to_string()),
+    ];
+    start_endless(fixture, &fixture.path("endless"), &env, args)
+}
+
+/// `caldpo train` into `run` without end, with extra environment and arguments; stderr is
+/// piped.
+fn start_endless(fixture: &Fixture, run: &Path, env: &[(&str, String)], args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_caldpo"))
         .args(["train", fixture.config.to_str().unwrap()])
         .args(["--set", &format!("train.output_dir={}", run.display())])
@@ -134,11 +146,7 @@ fn start_rank_with(fixture: &Fixture, rank: usize, port: u16, args: &[&str]) -> 
         .args(args)
         .env("CALDPO_CACHE", fixture.path("cache"))
         .env("CALDPO_LOG", "warn")
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", "2")
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
+        .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -234,16 +242,7 @@ fn a_live_rank_that_never_reaches_a_collective_is_named_after_the_timeout() {
 fn a_signal_to_the_local_launcher_stops_every_rank_with_a_checkpoint() {
     let fixture = Fixture::new(QUICK_FAILURE);
     let run = fixture.path("interrupted");
-    let launcher = Command::new(env!("CARGO_BIN_EXE_caldpo"))
-        .args(["train", fixture.config.to_str().unwrap(), "--nproc", "2"])
-        .args(["--set", &format!("train.output_dir={}", run.display())])
-        .args(["--set", "train.max_steps=100000", "--set", "train.epochs=100000"])
-        .env("CALDPO_CACHE", fixture.path("cache"))
-        .env("CALDPO_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let launcher = start_endless(&fixture, &run, &[], &["--nproc", "2"]);
     wait_for_first_step(&run);
     // SAFETY: signalling our own child, the launcher alone (not its process group).
     unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
@@ -285,16 +284,7 @@ fn child_with_rank(parent: u32, rank: usize) -> Option<i32> {
 fn the_local_launcher_names_the_rank_that_was_killed() {
     let fixture = Fixture::new("[distributed]\ntimeout_s = 20\n");
     let run = fixture.path("launched");
-    let launcher = Command::new(env!("CARGO_BIN_EXE_caldpo"))
-        .args(["train", fixture.config.to_str().unwrap(), "--nproc", "2"])
-        .args(["--set", &format!("train.output_dir={}", run.display())])
-        .args(["--set", "train.max_steps=100000", "--set", "train.epochs=100000"])
-        .env("CALDPO_CACHE", fixture.path("cache"))
-        .env("CALDPO_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let launcher = start_endless(&fixture, &run, &[], &["--nproc", "2"]);
     wait_for_first_step(&run);
     let rank1 = child_with_rank(launcher.id(), 1).expect("the launcher started rank 1");
     // SAFETY: signalling a process this test started (through the launcher).
