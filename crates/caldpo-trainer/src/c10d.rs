@@ -260,3 +260,81 @@ impl Drop for ProcessGroup {
         unsafe { caldpo_pg_free(self.raw) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// Runs `body` as ranks 0 and 1 of a Gloo group, one thread each, with 8-byte buckets so
+    /// that every tensor of more than two f32 travels in several.
+    fn two_ranks(body: fn(&ProcessGroup, usize) -> Vec<f32>) -> [Vec<f32>; 2] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let rank = move |rank: usize| {
+            std::thread::spawn(move || {
+                let options = GroupOptions {
+                    master_addr: "127.0.0.1",
+                    master_port: port,
+                    serve_store: rank == 0,
+                    key_prefix: "test",
+                    rank,
+                    world_size: 2,
+                    timeout: Duration::from_secs(30),
+                    nccl_device: None,
+                };
+                let group = ProcessGroup::new(&options, 8).unwrap();
+                let result = body(&group, rank);
+                group.barrier().unwrap();
+                result
+            })
+        };
+        let (first, second) = (rank(0), rank(1));
+        [first.join().unwrap(), second.join().unwrap()]
+    }
+
+    fn values(tensor: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(tensor.flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn all_reduce_sums_and_averages_across_buckets() {
+        // Rank r holds [r + 1, 2(r + 1), 3(r + 1)] and [10(r + 1)]: sums [3, 6, 9] and [30].
+        let results = two_ranks(|group, rank| {
+            let scale = (rank + 1) as f64;
+            let a = Tensor::from_slice(&[1f32, 2.0, 3.0]) * scale;
+            let b = Tensor::from_slice(&[10f32]) * scale;
+            group.all_reduce(&[&a, &b], false).unwrap();
+            let c = Tensor::from_slice(&[1f32, 2.0, 3.0]) * scale;
+            group.all_reduce(&[&c], true).unwrap();
+            [values(&a), values(&b), values(&c)].concat()
+        });
+        let expected = vec![3.0, 6.0, 9.0, 30.0, 1.5, 3.0, 4.5];
+        assert_eq!(results, [expected.clone(), expected]);
+    }
+
+    #[test]
+    fn broadcast_and_all_gather() {
+        let results = two_ranks(|group, rank| {
+            let weights = Tensor::full([2, 3], rank as f64 + 1.0, (Kind::Float, Device::Cpu));
+            group.broadcast(&[&weights], 1).unwrap();
+            let mine = Tensor::from_slice(&[rank as f32, 10.0 * rank as f32]);
+            let gathered = group.all_gather(&mine, 2).unwrap();
+            assert_eq!(gathered.size(), [2, 2]);
+            [values(&weights), values(&gathered)].concat()
+        });
+        let expected = vec![2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 1.0, 10.0];
+        assert_eq!(results, [expected.clone(), expected]);
+    }
+
+    #[test]
+    fn the_store_holds_integers_and_reports_absent_keys() {
+        let results = two_ranks(|group, rank| {
+            group.store_set(&format!("test/value/{rank}"), 40 + rank as i64).unwrap();
+            group.barrier().unwrap();
+            let other = group.store_get(&format!("test/value/{}", 1 - rank)).unwrap();
+            let absent = group.store_get("test/never-written").unwrap();
+            vec![other.unwrap() as f32, f32::from(u8::from(absent.is_none()))]
+        });
+        assert_eq!(results, [vec![41.0, 1.0], vec![40.0, 1.0]]);
+    }
+}
