@@ -6,6 +6,7 @@
 // Every function catches C++ exceptions and reports them through `err` (a caller buffer):
 // an exception must never unwind into Rust.
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -31,6 +32,10 @@
 namespace {
 
 using Millis = std::chrono::milliseconds;
+
+// How long a read or write of caldpo's own keys (joins, heartbeats, collective counts) may
+// take once the store is up.
+constexpr Millis kProbeTimeout{5000};
 
 void report(char* err, size_t len, const std::string& message) {
   if (err == nullptr || len == 0) return;
@@ -102,7 +107,7 @@ struct caldpo_pg {
   at::Device device{at::kCPU};
 
   void start_heartbeat() {
-    auto client = connect_store(host, port, false, timeout);
+    auto client = connect_store(host, port, false, std::min(timeout, kProbeTimeout));
     heartbeat = std::thread([this, client]() {
       int64_t beat = 0;
       std::unique_lock<std::mutex> lock(mutex);
@@ -219,8 +224,9 @@ int caldpo_pg_has_nccl() {
 caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int serve, const char* prefix,
                          int rank, int world, int64_t timeout_ms, int device_index, char* err,
                          size_t err_len) {
-  auto pg = std::make_unique<caldpo_pg>();
+  std::unique_ptr<caldpo_pg> pg;
   int status = guarded(err, err_len, [&]() {
+    pg = std::make_unique<caldpo_pg>();
     pg->rank = rank;
     pg->world = world;
     pg->timeout = Millis(timeout_ms);
@@ -228,7 +234,9 @@ caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int serve, const char*
     pg->port = port;
     pg->prefix = prefix;
     pg->store = connect_store(pg->host, port, serve != 0, pg->timeout);
-    pg->probe = connect_store(pg->host, port, false, pg->timeout);
+    // The first connection waited for the store to come up; these two talk to a running
+    // one, and a store frozen with rank 0 must not hold a diagnosis for a whole timeout.
+    pg->probe = connect_store(pg->host, port, false, std::min(pg->timeout, kProbeTimeout));
     pg->start_heartbeat();
     pg->join();
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>(pg->prefix + "/pg", pg->store);
@@ -262,14 +270,25 @@ caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int serve, const char*
 
 // Orderly shutdown after a successful run: shuts the backend down, stops the heartbeat and
 // closes the stores. After a failed collective the caller must not call this: tearing down a
-// backend with work in flight can block, and the process is about to exit anyway.
+// backend with work in flight can block. It calls caldpo_pg_abort instead.
 void caldpo_pg_free(caldpo_pg* pg) {
   try {
     if (pg->backend) pg->backend->shutdown();
+    delete pg;
   } catch (...) {
-    // Nothing to recover at the end of a run; the destructor below still runs.
+    // Nothing to recover at the end of a run, and nothing may unwind into Rust.
   }
-  delete pg;
+}
+
+// After a failed collective: aborts the backend's communicators without waiting for the
+// work in flight (NCCL kernels would otherwise keep spinning on the GPU until the process
+// ends) and leaves the rest to the process's exit.
+void caldpo_pg_abort(caldpo_pg* pg) {
+  try {
+    if (pg->backend) pg->backend->abort();
+  } catch (...) {
+    // The process is about to exit with the collective's error; this one adds nothing.
+  }
 }
 
 int caldpo_pg_all_reduce(caldpo_pg* pg, at::Tensor** tensors, size_t count, int average,

@@ -30,6 +30,7 @@ extern "C" {
         err_len: usize,
     ) -> *mut RawGroup;
     fn caldpo_pg_free(group: *mut RawGroup);
+    fn caldpo_pg_abort(group: *mut RawGroup);
     fn caldpo_pg_all_reduce(
         group: *mut RawGroup,
         tensors: *const RawTensor,
@@ -98,8 +99,9 @@ pub struct GroupOptions<'a> {
 pub struct ProcessGroup {
     raw: *mut RawGroup,
     bucket_bytes: i64,
-    /// Set when a call failed: the group is then left to the process's exit, since tearing
-    /// down a backend with work in flight can block.
+    /// Set when a call failed: the backend is then aborted rather than shut down, since an
+    /// orderly teardown with work in flight can block, and the rest is left to the process's
+    /// exit.
     broken: Cell<bool>,
 }
 
@@ -253,11 +255,15 @@ impl ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        if self.broken.get() {
-            return;
+        // SAFETY: `raw` came from caldpo_pg_new; it is either freed exactly once or aborted
+        // and never used again.
+        unsafe {
+            if self.broken.get() {
+                caldpo_pg_abort(self.raw);
+            } else {
+                caldpo_pg_free(self.raw);
+            }
         }
-        // SAFETY: `raw` came from caldpo_pg_new and is freed exactly once.
-        unsafe { caldpo_pg_free(self.raw) };
     }
 }
 

@@ -223,6 +223,11 @@ pub struct DistributedSection {
     pub bucket_mb: u64,
 }
 
+/// A day: longer than any checkpoint write, short enough that a hang still ends.
+const MAX_TIMEOUT_S: u64 = 86_400;
+/// 4 GiB: far above any bucket size that still overlaps or saves anything.
+const MAX_BUCKET_MB: u64 = 4096;
+
 impl Default for DistributedSection {
     fn default() -> Self {
         Self { backend: Backend::Auto, timeout_s: 600, bucket_mb: 25 }
@@ -330,9 +335,20 @@ impl Config {
         if self.log.every_steps == 0 {
             bail!("[log] every_steps must be at least 1");
         }
-        // c10d reads a zero timeout as none at all, and a rank could then hang for ever.
-        if self.distributed.timeout_s == 0 || self.distributed.bucket_mb == 0 {
-            bail!("[distributed] timeout_s and bucket_mb must be at least 1");
+        // c10d reads a zero timeout as none at all, and a rank could then hang for ever; the
+        // upper bounds keep the millisecond and byte counts far from overflow.
+        let distributed = &self.distributed;
+        if !(1..=MAX_TIMEOUT_S).contains(&distributed.timeout_s) {
+            bail!(
+                "[distributed] timeout_s must be between 1 and {MAX_TIMEOUT_S} seconds, got {}",
+                distributed.timeout_s
+            );
+        }
+        if !(1..=MAX_BUCKET_MB).contains(&distributed.bucket_mb) {
+            bail!(
+                "[distributed] bucket_mb must be between 1 and {MAX_BUCKET_MB}, got {}",
+                distributed.bucket_mb
+            );
         }
         Ok(())
     }
@@ -428,6 +444,19 @@ mod tests {
         let text = format!("{MINIMAL}max_length = 128\nmax_prompt_length = 128\n");
         let err = Config::parse(&text, "cfg.toml", &[]).unwrap_err();
         assert!(format!("{err:#}").contains("max_prompt_length"), "{err:#}");
+    }
+
+    #[test]
+    fn distributed_bounds_name_the_field() {
+        for (line, field) in [
+            ("timeout_s = 0", "timeout_s must be between 1 and 86400"),
+            ("timeout_s = 90000", "timeout_s must be between 1 and 86400"),
+            ("bucket_mb = 0", "bucket_mb must be between 1 and 4096"),
+        ] {
+            let text = format!("{MINIMAL}[distributed]\n{line}\n");
+            let err = format!("{:#}", Config::parse(&text, "cfg.toml", &[]).unwrap_err());
+            assert!(err.contains(&format!("[distributed] {field}")), "{err}");
+        }
     }
 
     #[test]

@@ -61,6 +61,15 @@ struct Group {
     entered: Cell<i64>,
 }
 
+/// What every rank learns at the end of a step's backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepAgreement {
+    /// The loss and gradient norm are finite on every rank.
+    pub finite: bool,
+    /// Some rank was asked to stop (SIGINT or SIGTERM).
+    pub stop: bool,
+}
+
 /// The collectives of a run.
 pub struct Comm {
     info: WorldInfo,
@@ -151,6 +160,11 @@ impl Comm {
         self.info.world_size
     }
 
+    /// This rank's index on its host.
+    pub fn local_rank(&self) -> usize {
+        self.info.local_rank
+    }
+
     /// Rank 0 alone writes files.
     pub fn is_main(&self) -> bool {
         self.info.rank == 0
@@ -202,8 +216,10 @@ impl Comm {
         };
         let dead: Vec<usize> = (0..others.len()).filter(|i| after[*i] <= before[*i]).collect();
         if !dead.is_empty() {
+            let whose = if dead.len() == 1 { "its heartbeat" } else { "their heartbeats" };
             return format!(
-                "{} not responding: its heartbeat stopped (the process died, was killed or is frozen)",
+                "{} not responding: {whose} stopped (the process died, was killed or is \
+                 frozen)",
                 name_ranks(dead.iter().map(|i| others[*i]))
             );
         }
@@ -211,7 +227,8 @@ impl Comm {
         if !behind.is_empty() {
             // Rank 0 alone writes checkpoints and samples while the others wait.
             let hint = if behind.iter().any(|i| others[*i] == 0) {
-                "; if rank 0 was writing a checkpoint, raise [distributed] timeout_s"
+                "; if rank 0 was writing a checkpoint or generating samples, raise \
+                 [distributed] timeout_s"
             } else {
                 ""
             };
@@ -240,13 +257,13 @@ impl Comm {
 
     /// Whether a device scalar is finite on every rank, and whether any rank was asked to
     /// stop: both in one reduction and one host sync.
-    pub fn agree_on_step(&self, value: &Tensor, stop: bool) -> Result<(bool, bool)> {
+    pub fn agree_on_step(&self, value: &Tensor, stop: bool) -> Result<StepAgreement> {
         let bad = value.isfinite().logical_not().to_kind(Kind::Float).reshape([1]);
         let stop = Tensor::from_slice(&[f32::from(u8::from(stop))]).to_device(value.device());
         let flags = Tensor::cat(&[bad, stop], 0);
         self.collective("agreeing on the step", |group| group.all_reduce(&[&flags], false))?;
         let flags = Vec::<f32>::try_from(flags.to_device(Device::Cpu))?;
-        Ok((flags[0] == 0.0, flags[1] > 0.0))
+        Ok(StepAgreement { finite: flags[0] == 0.0, stop: flags[1] > 0.0 })
     }
 
     /// Sums every parameter's gradient across ranks. A parameter without a gradient (on a

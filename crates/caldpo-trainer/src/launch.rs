@@ -57,19 +57,20 @@ pub fn local(nproc: usize) -> Result<()> {
     }
 
     // Ctrl-C in a terminal reaches every rank directly; a signal sent to the launcher alone
-    // is passed on, so that the ranks checkpoint and stop together.
+    // is passed on, so that the ranks checkpoint and stop together. A second one kills them,
+    // for ranks stuck in a collective that would otherwise wait out the timeout.
     let signalled = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&signalled))?;
     }
     let mut forwarded = false;
-    let mut failure: Option<(usize, String, Instant)> = None;
+    let mut failure: Option<(usize, ExitStatus, Instant)> = None;
     loop {
         for (rank, slot) in ranks.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
             if let Some(status) = child.try_wait()? {
                 if !status.success() && failure.is_none() {
-                    failure = Some((rank, describe(status), Instant::now()));
+                    failure = Some((rank, status, Instant::now()));
                 }
                 *slot = None;
             }
@@ -77,8 +78,8 @@ pub fn local(nproc: usize) -> Result<()> {
         if ranks.iter().all(Option::is_none) {
             break;
         }
-        if signalled.load(Ordering::Relaxed) && !forwarded {
-            kill_all(&mut ranks, libc::SIGINT);
+        if signalled.swap(false, Ordering::Relaxed) {
+            kill_all(&mut ranks, if forwarded { libc::SIGKILL } else { libc::SIGINT });
             forwarded = true;
         }
         if failure.as_ref().is_some_and(|(_, _, at)| at.elapsed() > GRACE) {
@@ -87,8 +88,14 @@ pub fn local(nproc: usize) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     match failure {
-        Some(_) if forwarded => bail!("interrupted; the ranks stopped after their checkpoint"),
-        Some((rank, how, _)) => bail!("rank {rank} of {nproc} {how}; the job failed"),
+        // A rank that stops on a signal checkpoints and exits with status 1; anything else is
+        // a failure of its own.
+        Some((_, status, _)) if forwarded && status.code() == Some(1) => {
+            bail!("interrupted; the ranks stopped after their checkpoint")
+        }
+        Some((rank, status, _)) => {
+            bail!("rank {rank} of {nproc} {}; the job failed", describe(status))
+        }
         None => Ok(()),
     }
 }

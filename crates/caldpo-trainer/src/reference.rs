@@ -60,7 +60,7 @@ const COLUMNS: i64 = 6;
 
 impl ReferenceCache {
     /// Loads `file` when it covers every pair, else computes the missing pairs with `model`
-    /// and rank 0 rewrites it. Each rank computes a contiguous share of the missing pairs,
+    /// and the first rank of every host rewrites it. Each rank computes a contiguous share of the missing pairs,
     /// and the shares are gathered so that every rank holds them all. Returns the cache and
     /// how many pairs were computed.
     pub fn build(
@@ -116,8 +116,11 @@ impl ReferenceCache {
         let gathered = comm.all_gather(&computed)?.flatten(0, 1).narrow(0, 0, missing.len() as i64);
         values.extend(Vec::<f32>::try_from(gathered.to_device(Device::Cpu).flatten(0, 1))?);
         ids.extend(missing.iter().map(|example| example.id));
-        if comm.is_main() {
-            write_cache(file, &ids, &values)?;
+        // One writer a host, so that hosts without a shared cache directory each keep theirs;
+        // where the directory is shared, each writes its own temporary file and the renames
+        // replace one complete file with an equal one.
+        if comm.local_rank() == 0 {
+            write_cache(file, &ids, &values, comm.rank())?;
         }
         let rows = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         let values =
@@ -211,14 +214,15 @@ fn read_cache(file: &Path) -> Option<(Vec<u64>, Vec<f32>)> {
     Some((ids.into_iter().map(|id| id as u64).collect(), values))
 }
 
-fn write_cache(file: &Path, ids: &[u64], values: &[f32]) -> Result<()> {
+/// Writes the cache through a temporary file named after `rank`, renamed into place.
+fn write_cache(file: &Path, ids: &[u64], values: &[f32], rank: usize) -> Result<()> {
     let dir = file.parent().context("cache file has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // Pair ids are 64-bit hashes stored bit-for-bit in an i64 tensor.
     let ids: Vec<i64> = ids.iter().map(|id| *id as i64).collect();
     let ids = Tensor::from_slice(&ids);
     let values = Tensor::from_slice(values).view([-1, COLUMNS]);
-    let partial = file.with_extension("partial");
+    let partial = file.with_extension(format!("partial-{rank}"));
     Tensor::write_safetensors(&[("pair_ids", &ids), ("values", &values)], &partial)?;
     std::fs::rename(&partial, file).with_context(|| format!("cannot write {}", file.display()))?;
     Ok(())

@@ -104,6 +104,14 @@ struct StepRecord {
     tokens: usize,
 }
 
+/// What one optimiser step did on this rank.
+struct StepDone {
+    pairs: usize,
+    tokens: usize,
+    /// Some rank was asked to stop: every rank checkpoints and exits after this step.
+    stop: bool,
+}
+
 struct Trainer<'a> {
     config: Config,
     config_toml: String,
@@ -237,12 +245,13 @@ impl<'a> Trainer<'a> {
                 continue;
             }
             let group = groups[self.state.step_in_epoch].clone();
-            let (pairs, tokens, signalled) = self.step(&group)?;
+            let done = self.step(&group)?;
+            let signalled = done.stop;
             self.state.step += 1;
             self.state.step_in_epoch += 1;
             self.state.window_steps += 1;
-            window_pairs += pairs;
-            window_tokens += tokens;
+            window_pairs += done.pairs;
+            window_tokens += done.tokens;
             progress.advance();
 
             let step = self.state.step;
@@ -283,9 +292,8 @@ impl<'a> Trainer<'a> {
         self.save_final()
     }
 
-    /// One optimiser step over a group of pair indices; returns the pairs and tokens this
-    /// rank processed, and whether any rank was asked to stop.
-    fn step(&mut self, group: &[usize]) -> Result<(usize, usize, bool)> {
+    /// One optimiser step over a group of pair indices.
+    fn step(&mut self, group: &[usize]) -> Result<StepDone> {
         let lr = self.lr_at(self.state.step);
         let record = self.forward_backward(group)?;
         self.comm.all_reduce_gradients(self.optimizer.parameters())?;
@@ -302,15 +310,16 @@ impl<'a> Trainer<'a> {
         // would destroy the weights, so it must be known before the optimiser runs. The same
         // reduction tells every rank whether any was signalled to stop.
         let signalled = self.stop.load(Ordering::Relaxed);
-        let (finite, signalled) = self.comm.agree_on_step(&(loss_sum + &grad_norm), signalled)?;
-        if !finite {
+        let agreed = self.comm.agree_on_step(&(loss_sum + &grad_norm), signalled)?;
+        let done = StepDone { pairs: record.pairs, tokens: record.tokens, stop: agreed.stop };
+        if !agreed.finite {
             self.optimizer.zero_grad();
             if !self.config.train.skip_nonfinite_steps {
                 bail!(diagnose(self.state.step + 1, &record));
             }
             self.state.skipped_steps += 1;
             tracing::warn!("{}; step skipped", diagnose(self.state.step + 1, &record));
-            return Ok((record.pairs, record.tokens, signalled));
+            return Ok(done);
         }
         self.optimizer.step(lr);
         self.optimizer.zero_grad();
@@ -318,7 +327,7 @@ impl<'a> Trainer<'a> {
             self.tracker.update(output, policy);
         }
         self.window_grad_norm += grad_norm.to_kind(tch::Kind::Double);
-        Ok((record.pairs, record.tokens, signalled))
+        Ok(done)
     }
 
     /// Forward and backward over this rank's micro-batches of the step. Each micro-batch's

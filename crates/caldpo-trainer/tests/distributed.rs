@@ -298,6 +298,32 @@ fn the_local_launcher_names_the_rank_that_was_killed() {
 }
 
 #[test]
+fn a_second_signal_to_the_local_launcher_kills_ranks_stuck_in_a_collective() {
+    // Rank 1 is frozen, so rank 0 waits for it in a collective after the first signal; the
+    // second ends the job long before the 60 s timeout.
+    let fixture = Fixture::new(QUICK_FAILURE);
+    let run = fixture.path("stuck");
+    let launcher = start_endless(&fixture, &run, &[], &["--nproc", "2"]);
+    wait_for_first_step(&run);
+    let rank1 = child_with_rank(launcher.id(), 1).expect("the launcher started rank 1");
+    // SAFETY: signalling processes this test started (directly or through the launcher).
+    unsafe {
+        libc::kill(rank1, libc::SIGSTOP);
+        libc::kill(launcher.id() as i32, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let signalled = Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
+    let output = launcher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("was killed by signal 9; the job failed"), "{stderr}");
+    assert!(signalled.elapsed() < Duration::from_secs(10), "took {:?}", signalled.elapsed());
+    assert_checkpoints_complete(&run);
+}
+
+#[test]
 fn a_rank_that_never_joins_is_named_at_the_rendezvous() {
     let fixture = Fixture::new("[distributed]\ntimeout_s = 3\n");
     let output = start_rank(&fixture, 0, free_port()).wait_with_output().unwrap();
