@@ -115,11 +115,11 @@ impl Progress {
         }
     }
 
-    /// Prints a line without breaking the bar.
+    /// Prints a line above the bar, or logs it where there is no bar.
     pub fn println(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            None => tracing::info!("{line}"),
         }
     }
 

@@ -448,7 +448,6 @@ impl<'a> Trainer<'a> {
                 self.config.checkpoint.keep_last,
             )?;
             progress.println(&format!("checkpoint written to {}", dir.display()));
-            tracing::info!("checkpoint written to {}", dir.display());
         }
         self.comm.barrier()
     }
