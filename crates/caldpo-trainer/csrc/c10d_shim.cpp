@@ -87,7 +87,9 @@ struct caldpo_pg {
   std::string prefix;
   c10::intrusive_ptr<c10d::TCPStore> store;
   // A second connection for reads and marks from the trainer's thread, and a third owned by
-  // the heartbeat thread: TCPStore clients are not meant to be shared across threads.
+  // the heartbeat thread. Both wait at most kProbeTimeout, where the first waits a whole
+  // timeout for the store to come up, and the heartbeat's never queues behind the trainer's
+  // requests.
   c10::intrusive_ptr<c10d::TCPStore> probe;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::thread heartbeat;
@@ -95,7 +97,10 @@ struct caldpo_pg {
   std::condition_variable wake;
   bool stopping = false;
 
-  // Waits for a collective; a failure or a timeout becomes an exception.
+  // Waits for a collective on the host, at most `timeout`; a failure or a timeout becomes an
+  // exception. The collectives themselves run under the backend's own timeout (options.timeout
+  // is left unset), which for NCCL is a minute longer, so that this wait, and the diagnosis
+  // that names the missing rank, always come first.
   void wait(const c10::intrusive_ptr<c10d::Work>& work) {
     if (!work->wait(timeout)) {
       throw std::runtime_error("collective did not finish within the timeout");
@@ -132,16 +137,21 @@ struct caldpo_pg {
   void join() {
     std::string mine = prefix + "/joined/" + std::to_string(rank);
     probe->set(mine, std::vector<uint8_t>{'1'});
+    std::vector<std::string> keys;
+    for (int other = 0; other < world; ++other) {
+      keys.push_back(prefix + "/joined/" + std::to_string(other));
+    }
     auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (true) {
-      std::string missing;
-      for (int other = 0; other < world; ++other) {
-        if (!probe->check({prefix + "/joined/" + std::to_string(other)})) {
-          missing += (missing.empty() ? "" : ", ") + std::to_string(other);
-        }
-      }
-      if (missing.empty()) return;
+    // One request checks every key, so that each rank sends one request a poll however large
+    // the world; the keys are read one by one only to name the missing ranks.
+    while (!probe->check(keys)) {
       if (std::chrono::steady_clock::now() > deadline) {
+        std::string missing;
+        for (int other = 0; other < world; ++other) {
+          if (!probe->check({keys[other]})) {
+            missing += (missing.empty() ? "" : ", ") + std::to_string(other);
+          }
+        }
         throw std::runtime_error("ranks that never joined: " + missing);
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -186,12 +196,10 @@ static void bucketed(caldpo_pg* pg, at::Tensor** tensors, size_t count, Op op, i
     if (op == Op::Broadcast) {
       c10d::BroadcastOptions options;
       options.rootRank = root;
-      options.timeout = pg->timeout;
       pg->wait(pg->backend->broadcast(buffers, options));
     } else {
       c10d::AllreduceOptions options;
       options.reduceOp = c10d::ReduceOp::SUM;
-      options.timeout = pg->timeout;
       pg->wait(pg->backend->allreduce(buffers, options));
       // Gloo has no average; dividing the summed bucket is exact for a power-of-two world.
       if (op == Op::Average) flat.div_(pg->world);
@@ -233,6 +241,13 @@ caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int serve, const char*
     pg->host = host;
     pg->port = port;
     pg->prefix = prefix;
+    if (device_index >= 0) {
+      // By default NCCL's watchdog ends the process on a communicator error or timeout,
+      // before caldpo can say which rank failed. Mode 2 aborts the communicators and leaves
+      // the error to the waiting collective, which reports it. A value the user set is kept.
+      // Set before the heartbeat thread starts, since setenv races with readers.
+      setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2", 0);
+    }
     pg->store = connect_store(pg->host, port, serve != 0, pg->timeout);
     // The first connection waited for the store to come up; these two talk to a running
     // one, and a store frozen with rank 0 must not hold a diagnosis for a whole timeout.
@@ -244,8 +259,8 @@ caldpo_pg* caldpo_pg_new(const char* host, uint16_t port, int serve, const char*
 #ifdef CALDPO_NCCL
       c10::cuda::set_device(static_cast<c10::DeviceIndex>(device_index));
       auto options = c10d::ProcessGroupNCCL::Options::create();
-      // NCCL's watchdog ends the process when its timeout passes; ours must fire first, so
-      // that the error names the missing rank.
+      // NCCL's watchdog aborts the communicators when this timeout passes; the host's wait
+      // (pg->timeout) must end first, so that the error names the missing rank.
       options->timeout = pg->timeout + std::chrono::seconds(60);
       pg->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, world, options);
       pg->device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index));
@@ -311,7 +326,6 @@ int caldpo_pg_all_gather(caldpo_pg* pg, at::Tensor* input, at::Tensor* output, c
     std::vector<std::vector<at::Tensor>> outputs(1);
     for (int r = 0; r < pg->world; ++r) outputs[0].push_back(at::empty_like(inputs[0]));
     c10d::AllgatherOptions options;
-    options.timeout = pg->timeout;
     pg->wait(pg->backend->allgather(outputs, inputs, options));
     output->copy_(at::stack(outputs[0]));
   });
@@ -324,7 +338,6 @@ int caldpo_pg_barrier(caldpo_pg* pg, char* err, size_t err_len) {
     at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(pg->device));
     std::vector<at::Tensor> buffers{token};
     c10d::AllreduceOptions options;
-    options.timeout = pg->timeout;
     pg->wait(pg->backend->allreduce(buffers, options));
     // Waiting for the copy to the host makes the barrier block the host on NCCL too.
     token.cpu();

@@ -56,6 +56,7 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    #[cfg(test)]
     fn caldpo_pg_barrier(group: *mut RawGroup, err: *mut c_char, err_len: usize) -> c_int;
     fn caldpo_pg_store_set(
         group: *mut RawGroup,
@@ -118,8 +119,8 @@ fn error_text(buffer: &[c_char]) -> String {
 }
 
 impl ProcessGroup {
-    /// Joins the rendezvous (rank 0 hosts the store and waits for the others) and creates
-    /// the backend.
+    /// Joins the rendezvous (served by this rank when `serve_store`), waits until every rank
+    /// has joined, and creates the backend.
     pub fn new(options: &GroupOptions, bucket_bytes: i64) -> Result<ProcessGroup> {
         let host = CString::new(options.master_addr).context("MASTER_ADDR holds a NUL byte")?;
         let prefix = CString::new(options.key_prefix).context("store prefix holds a NUL byte")?;
@@ -214,6 +215,9 @@ impl ProcessGroup {
         Ok(output)
     }
 
+    /// Waits until every rank has arrived. The training loop needs no bare barrier: where
+    /// ranks wait for rank 0, they also learn whether its work failed (`Comm::agree_on_outcome`).
+    #[cfg(test)]
     pub fn barrier(&self) -> Result<()> {
         let mut err = error_buffer();
         // SAFETY: a live group and an error buffer of the stated length.

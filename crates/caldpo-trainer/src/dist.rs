@@ -176,7 +176,8 @@ impl Comm {
     }
 
     /// Runs collective `what` when there is a group: counts it in the store first, and turns
-    /// a failure into an error that names the missing rank.
+    /// a failure into an error that names the missing rank. The count is one round trip to
+    /// the store a collective, a few a step: the price of telling a hung rank from a dead one.
     fn collective(&self, what: &str, run: impl FnOnce(&ProcessGroup) -> Result<()>) -> Result<()> {
         let Some(group) = &self.group else { return Ok(()) };
         let entered = group.entered.get() + 1;
@@ -241,10 +242,6 @@ impl Comm {
         "every rank is alive and reached this collective; the connection between them failed".into()
     }
 
-    pub fn barrier(&self) -> Result<()> {
-        self.collective("barrier", ProcessGroup::barrier)
-    }
-
     /// True on every rank when `flag` is true on any.
     pub fn any(&self, flag: bool) -> Result<bool> {
         if self.group.is_none() {
@@ -253,6 +250,17 @@ impl Comm {
         let count = Tensor::from(f32::from(u8::from(flag))).to_device(self.device);
         self.collective("agreeing on a stop", |group| group.all_reduce(&[&count], false))?;
         Ok(f64::try_from(&count)? > 0.0)
+    }
+
+    /// Fails on every rank when `result`, of work that only some ranks do (rank 0 writing a
+    /// checkpoint, say), failed on any: a rank that stopped alone would leave the others
+    /// waiting in their next collective, and blaming it, until the timeout.
+    pub fn agree_on_outcome<T>(&self, what: &str, result: Result<T>) -> Result<T> {
+        if self.any(result.is_err())? {
+            result?;
+            bail!("another rank could not {what}");
+        }
+        result
     }
 
     /// Whether a device scalar is finite on every rank, and whether any rank was asked to

@@ -3,9 +3,9 @@
 //!
 //! Each rank gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 //! MASTER_ADDR, MASTER_PORT) plus a marker that tells it not to launch again. The first rank
-//! to fail decides the exit status and the message; the others then fail on their own within
-//! seconds (their collectives lose a peer), and any still running after a grace period are
-//! killed. A checkpoint is renamed into place only when complete, so a kill never leaves a
+//! to fail decides the exit status and the message; the others then fail on their own (within
+//! seconds when a process died over Gloo, after `[distributed] timeout_s` otherwise), and any
+//! still running after a grace period are killed. A checkpoint is renamed into place only when complete, so a kill never leaves a
 //! half-written one.
 
 use std::ffi::OsString;

@@ -60,9 +60,9 @@ const COLUMNS: i64 = 6;
 
 impl ReferenceCache {
     /// Loads `file` when it covers every pair, else computes the missing pairs with `model`
-    /// and the first rank of every host rewrites it. Each rank computes a contiguous share of the missing pairs,
-    /// and the shares are gathered so that every rank holds them all. Returns the cache and
-    /// how many pairs were computed.
+    /// and the first rank of every host rewrites it. Each rank computes a contiguous share of
+    /// the missing pairs, and the shares are gathered so that every rank holds them all.
+    /// Returns the cache and how many pairs were computed.
     pub fn build(
         file: &Path,
         examples: &[&PairExample],
@@ -119,9 +119,12 @@ impl ReferenceCache {
         // One writer a host, so that hosts without a shared cache directory each keep theirs;
         // where the directory is shared, each writes its own temporary file and the renames
         // replace one complete file with an equal one.
-        if comm.local_rank() == 0 {
-            write_cache(file, &ids, &values, comm.rank())?;
-        }
+        let written = if comm.local_rank() == 0 {
+            write_cache(file, &ids, &values, comm.rank())
+        } else {
+            Ok(())
+        };
+        comm.agree_on_outcome("write the reference log-prob cache", written)?;
         let rows = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         let values =
             Tensor::from_slice(&values).view([ids.len() as i64, COLUMNS]).to_device(model.device());

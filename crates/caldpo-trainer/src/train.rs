@@ -44,11 +44,10 @@ pub fn run(args: TrainArgs, info: WorldInfo) -> Result<PathBuf> {
     } else {
         Ok(())
     };
-    // Every rank learns whether rank 0 could prepare the directory, and stops with it.
-    if comm.any(prepared.is_err())? {
-        prepared?;
-        bail!("rank 0 could not prepare the output directory {}", run_dir.display());
-    }
+    comm.agree_on_outcome(
+        &format!("prepare the output directory {}", run_dir.display()),
+        prepared,
+    )?;
 
     let setup = Setup::new(&config, &comm, device, resume_from.as_deref())?;
     let mut trainer = Trainer::new(config, setup, &comm, resume_from.as_deref())?;
@@ -407,12 +406,14 @@ impl<'a> Trainer<'a> {
             result.metrics["rewards/chosen"],
             result.metrics["rewards/rejected"]
         );
-        if let Some(writer) = &mut self.writer {
-            writer.write(&metrics::record(step, epoch, &result.metrics, "eval_"))?;
-            let samples = self.evaluator.samples(&self.policy, step, self.config.train.seed)?;
-            eval::append_samples(&self.config.train.output_dir, &samples)?;
-        }
-        Ok(())
+        let written = match &mut self.writer {
+            Some(writer) => writer
+                .write(&metrics::record(step, epoch, &result.metrics, "eval_"))
+                .and_then(|()| self.evaluator.samples(&self.policy, step, self.config.train.seed))
+                .and_then(|samples| eval::append_samples(&self.config.train.output_dir, &samples)),
+            None => Ok(()),
+        };
+        self.comm.agree_on_outcome(&format!("record the evaluation at step {step}"), written)
     }
 
     /// Learning rate of optimiser step `step` (0-based).
@@ -437,8 +438,8 @@ impl<'a> Trainer<'a> {
             window_grad_norm: f64::try_from(&self.window_grad_norm)?,
             ..self.state.clone()
         };
-        if self.comm.is_main() {
-            let dir = checkpoint::save(
+        let saved = if self.comm.is_main() {
+            checkpoint::save(
                 &self.config.train.output_dir,
                 &self.policy,
                 &self.model_dir,
@@ -446,28 +447,40 @@ impl<'a> Trainer<'a> {
                 &state,
                 &self.config_toml,
                 self.config.checkpoint.keep_last,
-            )?;
-            progress.println(&format!("checkpoint written to {}", dir.display()));
-        }
-        self.comm.barrier()
+            )
+            .map(|dir| progress.println(&format!("checkpoint written to {}", dir.display())))
+        } else {
+            Ok(())
+        };
+        // Also the barrier that keeps the other ranks from running ahead while rank 0 writes.
+        self.comm.agree_on_outcome(&format!("write the checkpoint of step {}", state.step), saved)
     }
 
     fn save_final(&self) -> Result<()> {
-        if self.comm.is_main() {
-            let dir = self.config.train.output_dir.join("final");
-            let partial = self.config.train.output_dir.join("final.partial");
-            if partial.exists() {
-                std::fs::remove_dir_all(&partial)?;
-            }
-            self.policy.save_pretrained(&partial, &self.model_dir)?;
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir)?;
-            }
-            std::fs::rename(&partial, &dir)?;
-            tracing::info!("final model written to {}", dir.display());
-        }
-        self.comm.barrier()
+        let dir = self.config.train.output_dir.join("final");
+        let saved = if self.comm.is_main() {
+            write_final(&self.policy, &self.model_dir, &dir)
+                .with_context(|| format!("cannot write the final model to {}", dir.display()))
+        } else {
+            Ok(())
+        };
+        self.comm.agree_on_outcome("write the final model", saved)
     }
+}
+
+/// Writes `policy` to `dir` through a `.partial` sibling, so that `dir` is never half written.
+fn write_final(policy: &CausalLm, model_dir: &Path, dir: &Path) -> Result<()> {
+    let partial = dir.with_extension("partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)?;
+    }
+    policy.save_pretrained(&partial, model_dir)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::rename(&partial, dir)?;
+    tracing::info!("final model written to {}", dir.display());
+    Ok(())
 }
 
 /// Each rank's device, as "cpu" or "cuda:N", gathered from every rank.

@@ -114,6 +114,31 @@ fn nine_pairs_over_two_ranks_are_counted_as_nine() {
     }
 }
 
+#[test]
+fn a_write_that_fails_on_rank_zero_stops_every_rank_at_once() {
+    // A file where rank 0 puts the final model's staging directory makes that write fail at
+    // the end of the resumed run. Rank 1 must hear of it in the same collective and say so,
+    // rather than wait for rank 0 in the next one.
+    let fixture = Fixture::new(QUICK_FAILURE);
+    let ranks = ["--nproc", "2", "--set", "train.batch_size=2", "--set", "train.grad_accum=1"];
+    assert_ok(&fixture.train("blocked", &[&ranks[..], &["--stop-after", "2"]].concat()));
+    let run = fixture.path("blocked");
+    std::fs::write(run.join("final.partial"), "not a directory").unwrap();
+    let started = Instant::now();
+    let args = ["train", "--resume", run.to_str().unwrap()];
+    let output = common::caldpo(&[&args[..], &ranks].concat(), &fixture.path("cache"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("error (rank 0): cannot write the final model"), "{stderr}");
+    assert!(
+        stderr.contains("error (rank 1): another rank could not write the final model"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(!run.join("final").exists());
+    assert_checkpoints_complete(&run);
+}
+
 /// A free local port for a rendezvous.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
