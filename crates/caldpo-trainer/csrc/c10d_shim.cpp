@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -69,7 +70,28 @@ c10::intrusive_ptr<c10d::TCPStore> connect_store(const std::string& host, uint16
   // Ranks join through keys of their own (see join), which can say who is missing.
   options.waitWorkers = false;
   options.timeout = timeout;
-  return c10::make_intrusive<c10d::TCPStore>(host, options);
+  if (server) return c10::make_intrusive<c10d::TCPStore>(host, options);
+  // A client's first exchange with the store has no read timeout: a listener that accepts
+  // but never answers (rank 0 frozen, the port another program's) would hold this rank for
+  // ever. So the client connects on a thread of its own and is given up on after the
+  // timeout (plus a little, so that c10d's own connection error wins when there is one).
+  // The abandoned thread ends with the process, which is about to fail.
+  using Client = c10::intrusive_ptr<c10d::TCPStore>;
+  auto connected = std::make_shared<std::promise<Client>>();
+  std::future<Client> client = connected->get_future();
+  std::thread([host, options, connected]() {
+    try {
+      connected->set_value(c10::make_intrusive<c10d::TCPStore>(host, options));
+    } catch (...) {
+      connected->set_exception(std::current_exception());
+    }
+  }).detach();
+  if (client.wait_for(timeout + std::chrono::seconds(2)) != std::future_status::ready) {
+    throw std::runtime_error("something listens at " + host + ":" + std::to_string(port) +
+                             " but does not answer as a store (a frozen rank 0, or another "
+                             "program's port)");
+  }
+  return client.get();
 }
 
 // The collective `bucketed` runs.

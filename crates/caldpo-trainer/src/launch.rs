@@ -2,10 +2,11 @@
 //! torchrun does on one node.
 //!
 //! Each rank gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
-//! MASTER_ADDR, MASTER_PORT) plus a marker that tells it not to launch again. The first rank
-//! to fail decides the exit status and the message; the others then fail on their own (within
-//! seconds when a process died over Gloo, after `[distributed] timeout_s` otherwise), and any
-//! still running after a grace period are killed. A checkpoint is renamed into place only when complete, so a kill never leaves a
+//! MASTER_ADDR, and MASTER_PORT unless the user set it) plus a marker that tells it not to
+//! launch again. The first rank to fail decides the exit status and the message; the others
+//! then fail on their own (within seconds when a process died over Gloo, after
+//! `[distributed] timeout_s` otherwise), and any still running after a grace period are
+//! killed. A checkpoint is renamed into place only when complete, so a kill never leaves a
 //! half-written one.
 
 use std::ffi::OsString;
@@ -26,7 +27,11 @@ const GRACE: Duration = Duration::from_secs(30);
 /// Runs this process's own command line as `nproc` ranks on this host; returns when all
 /// have exited.
 pub fn local(nproc: usize) -> Result<()> {
-    let port = free_port()?;
+    // A port the user exported is kept (the ranks check it); otherwise any free one will do.
+    let port = match std::env::var("MASTER_PORT") {
+        Ok(port) => port,
+        Err(_) => free_port()?.to_string(),
+    };
     let exe = std::env::current_exe().context("cannot find the caldpo executable")?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     // N ranks each starting one OpenMP thread per core would oversubscribe the CPU many
@@ -44,7 +49,7 @@ pub fn local(nproc: usize) -> Result<()> {
             .env("WORLD_SIZE", nproc.to_string())
             .env("LOCAL_WORLD_SIZE", nproc.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
+            .env("MASTER_PORT", &port)
             .stdin(Stdio::null())
             .spawn();
         match child {

@@ -171,6 +171,8 @@ fn start_endless(fixture: &Fixture, run: &Path, env: &[(&str, String)], args: &[
         .args(args)
         .env("CALDPO_CACHE", fixture.path("cache"))
         .env("CALDPO_LOG", "warn")
+        // `--nproc` keeps a MASTER_PORT it inherits; concurrent tests must not share one.
+        .env_remove("MASTER_PORT")
         .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -346,6 +348,38 @@ fn a_second_signal_to_the_local_launcher_kills_ranks_stuck_in_a_collective() {
     assert!(stderr.contains("was killed by signal 9; the job failed"), "{stderr}");
     assert!(signalled.elapsed() < Duration::from_secs(10), "took {:?}", signalled.elapsed());
     assert_checkpoints_complete(&run);
+}
+
+#[test]
+fn the_local_launcher_keeps_the_port_the_user_exported() {
+    // The exported port is taken by another listener, so rank 0 cannot serve the store there,
+    // and says so: proof that the launcher used that port and not a free one of its own.
+    let fixture = Fixture::new("[distributed]\ntimeout_s = 5\n");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let run = fixture.path("taken");
+    let launcher =
+        start_endless(&fixture, &run, &[("MASTER_PORT", port.clone())], &["--nproc", "2"]);
+    let output = launcher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(!run.join("metrics.jsonl").exists(), "{stderr}");
+}
+
+#[test]
+fn a_store_that_never_answers_fails_the_rank_within_the_timeout() {
+    // A listener that accepts connections but never speaks, as a frozen rank 0 would.
+    let fixture = Fixture::new("[distributed]\ntimeout_s = 3\n");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let started = Instant::now();
+    let output = start_rank(&fixture, 1, port).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let expected = format!("something listens at 127.0.0.1:{port} but does not answer as a store");
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
 }
 
 #[test]

@@ -113,6 +113,8 @@ pub fn caldpo(args: &[&str], cache: &Path) -> Output {
         .args(args)
         .env("CALDPO_CACHE", cache)
         .env("CALDPO_LOG", "warn")
+        // `--nproc` keeps a MASTER_PORT it inherits; concurrent tests must not share one.
+        .env_remove("MASTER_PORT")
         .output()
         .expect("the caldpo binary runs")
 }
