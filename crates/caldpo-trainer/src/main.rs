@@ -18,6 +18,7 @@ mod summary;
 mod train;
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -136,10 +137,13 @@ fn main() {
     init_tracing(rank);
     device::load_cuda_backend();
     if let Err(err) = run(Cli::parse()) {
-        match rank {
-            Some(rank) => eprintln!("error (rank {rank}): {err:#}"),
-            None => eprintln!("error: {err:#}"),
-        }
+        let line = match rank {
+            Some(rank) => format!("error (rank {rank}): {err:#}\n"),
+            None => format!("error: {err:#}\n"),
+        };
+        // One write: the ranks of a job share a terminal or log, and a line printed piece by
+        // piece would interleave with the others' (a pipe keeps writes of a few KiB whole).
+        let _ = std::io::stderr().write_all(line.as_bytes());
         std::process::exit(1);
     }
 }
