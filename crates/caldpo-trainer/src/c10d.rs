@@ -216,7 +216,7 @@ impl ProcessGroup {
     }
 
     /// Waits until every rank has arrived. The training loop needs no bare barrier: where
-    /// ranks wait for rank 0, they also learn whether its work failed (`Comm::agree_on_outcome`).
+    /// ranks wait for rank 0, they also learn whether its work failed (`Comm::run_where`).
     #[cfg(test)]
     pub fn barrier(&self) -> Result<()> {
         let mut err = error_buffer();

@@ -252,15 +252,22 @@ impl Comm {
         Ok(f64::try_from(&count)? > 0.0)
     }
 
-    /// Fails on every rank when `result`, of work that only some ranks do (rank 0 writing a
-    /// checkpoint, say), failed on any: a rank that stopped alone would leave the others
-    /// waiting in their next collective, and blaming it, until the timeout.
-    pub fn agree_on_outcome<T>(&self, what: &str, result: Result<T>) -> Result<T> {
+    /// Runs `work` (`what`, for messages) on the ranks where `here` holds, rank 0 writing a
+    /// checkpoint say, and fails on every rank when it failed on any: a rank that stopped
+    /// alone would leave the others waiting in their next collective, and blaming it, until
+    /// the timeout. Also a barrier: no rank goes on before the work is done.
+    pub fn run_where(
+        &self,
+        here: bool,
+        what: &str,
+        work: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let result = if here { work() } else { Ok(()) };
         if self.any(result.is_err())? {
             result?;
             bail!("another rank could not {what}");
         }
-        result
+        Ok(())
     }
 
     /// Whether a device scalar is finite on every rank, and whether any rank was asked to

@@ -119,12 +119,9 @@ impl ReferenceCache {
         // One writer a host, so that hosts without a shared cache directory each keep theirs;
         // where the directory is shared, each writes its own temporary file and the renames
         // replace one complete file with an equal one.
-        let written = if comm.local_rank() == 0 {
+        comm.run_where(comm.local_rank() == 0, "write the reference log-prob cache", || {
             write_cache(file, &ids, &values, comm.rank())
-        } else {
-            Ok(())
-        };
-        comm.agree_on_outcome("write the reference log-prob cache", written)?;
+        })?;
         let rows = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         let values =
             Tensor::from_slice(&values).view([ids.len() as i64, COLUMNS]).to_device(model.device());

@@ -39,15 +39,10 @@ pub fn run(args: TrainArgs, info: WorldInfo) -> Result<PathBuf> {
     let device = crate::device::select(config.model.device, info.local_rank)?;
     let comm = Comm::connect(info, &config.distributed, device)?;
     let run_dir = config.train.output_dir.clone();
-    let prepared = if comm.is_main() {
+    let what = format!("prepare the output directory {}", run_dir.display());
+    comm.run_where(comm.is_main(), &what, || {
         prepare_run_dir(&run_dir, resume_from.is_some(), args.overwrite)
-    } else {
-        Ok(())
-    };
-    comm.agree_on_outcome(
-        &format!("prepare the output directory {}", run_dir.display()),
-        prepared,
-    )?;
+    })?;
 
     let setup = Setup::new(&config, &comm, device, resume_from.as_deref())?;
     let mut trainer = Trainer::new(config, setup, &comm, resume_from.as_deref())?;
@@ -170,9 +165,9 @@ impl<'a> Trainer<'a> {
             }
             let _ = window_grad_norm.fill_(saved.window_grad_norm);
             tracing::info!("resuming {} at step {}", dir.display(), saved.step);
-            if comm.is_main() {
-                metrics::truncate_after(run_dir, saved.step)?;
-            }
+            comm.run_where(comm.is_main(), "truncate the metrics to the checkpoint", || {
+                metrics::truncate_after(run_dir, saved.step)
+            })?;
             state = TrainerState { effective_batch: plan.effective_batch, ..saved };
         }
 
@@ -190,15 +185,19 @@ impl<'a> Trainer<'a> {
                 plan.world_size
             );
             tracing::info!("plan: {}", serde_json::to_string(&plan)?);
+        }
+        let mut writer = None;
+        comm.run_where(comm.is_main(), "write the run's config and plan", || {
             std::fs::write(run_dir.join("config.toml"), &config_toml)?;
             std::fs::write(run_dir.join("plan.json"), serde_json::to_string_pretty(&plan)?)?;
-        }
+            writer = Some(MetricsWriter::open(run_dir)?);
+            Ok(())
+        })?;
 
         let lengths = train.iter().map(PairExample::len).collect();
         let sampler = PairSampler::new(lengths, plan.effective_batch, config.train.seed);
         let pad_token_id = tokenizer.pad_token_id();
         let evaluator = Evaluator::new(&config, eval, tokenizer);
-        let writer = if comm.is_main() { Some(MetricsWriter::open(run_dir)?) } else { None };
         let stop = Arc::new(AtomicBool::new(false));
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register(signal, Arc::clone(&stop))?;
@@ -406,14 +405,13 @@ impl<'a> Trainer<'a> {
             result.metrics["rewards/chosen"],
             result.metrics["rewards/rejected"]
         );
-        let written = match &mut self.writer {
-            Some(writer) => writer
-                .write(&metrics::record(step, epoch, &result.metrics, "eval_"))
-                .and_then(|()| self.evaluator.samples(&self.policy, step, self.config.train.seed))
-                .and_then(|samples| eval::append_samples(&self.config.train.output_dir, &samples)),
-            None => Ok(()),
-        };
-        self.comm.agree_on_outcome(&format!("record the evaluation at step {step}"), written)
+        let what = format!("record the evaluation at step {step}");
+        self.comm.run_where(self.comm.is_main(), &what, || {
+            let Some(writer) = &mut self.writer else { return Ok(()) };
+            writer.write(&metrics::record(step, epoch, &result.metrics, "eval_"))?;
+            let samples = self.evaluator.samples(&self.policy, step, self.config.train.seed)?;
+            eval::append_samples(&self.config.train.output_dir, &samples)
+        })
     }
 
     /// Learning rate of optimiser step `step` (0-based).
@@ -438,8 +436,9 @@ impl<'a> Trainer<'a> {
             window_grad_norm: f64::try_from(&self.window_grad_norm)?,
             ..self.state.clone()
         };
-        let saved = if self.comm.is_main() {
-            checkpoint::save(
+        let what = format!("write the checkpoint of step {}", state.step);
+        self.comm.run_where(self.comm.is_main(), &what, || {
+            let dir = checkpoint::save(
                 &self.config.train.output_dir,
                 &self.policy,
                 &self.model_dir,
@@ -447,24 +446,18 @@ impl<'a> Trainer<'a> {
                 &state,
                 &self.config_toml,
                 self.config.checkpoint.keep_last,
-            )
-            .map(|dir| progress.println(&format!("checkpoint written to {}", dir.display())))
-        } else {
+            )?;
+            progress.println(&format!("checkpoint written to {}", dir.display()));
             Ok(())
-        };
-        // Also the barrier that keeps the other ranks from running ahead while rank 0 writes.
-        self.comm.agree_on_outcome(&format!("write the checkpoint of step {}", state.step), saved)
+        })
     }
 
     fn save_final(&self) -> Result<()> {
         let dir = self.config.train.output_dir.join("final");
-        let saved = if self.comm.is_main() {
+        self.comm.run_where(self.comm.is_main(), "write the final model", || {
             write_final(&self.policy, &self.model_dir, &dir)
                 .with_context(|| format!("cannot write the final model to {}", dir.display()))
-        } else {
-            Ok(())
-        };
-        self.comm.agree_on_outcome("write the final model", saved)
+        })
     }
 }
 
